@@ -1,0 +1,50 @@
+"""HF PEFT's adapter file format: ``adapter_config.json`` (safetensors weights: issue 4)."""
+import json
+import os
+import tempfile
+
+from mindformers_lora_ext.naming import hf_module_name
+
+
+def peft_config_dict(config, adapter_names) -> dict:
+    """The PEFT ``LoraConfig`` fields for a ``lora_ext`` config adapting ``adapter_names``.
+
+    ``target_modules`` lists real module names (HF Llama names where known), as PEFT needs.
+    """
+    targets = sorted({hf_module_name(n).rsplit(".", 1)[-1] for n in adapter_names})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": config.lora_rank,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def write_adapter_config(path: str, config, adapter_names) -> None:
+    """Write ``adapter_config.json`` atomically (also over a read-only older file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".adapter_config.", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(peft_config_dict(config, adapter_names), handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,1 @@
+"""Adapter methods: shared targeting and model plumbing, and one module per method's math."""

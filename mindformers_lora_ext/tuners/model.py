@@ -1,0 +1,91 @@
+"""``AdapterModel``: what ``PetModel`` builds for our pet types.
+
+It injects adapter cells into the base model, runs the base model, forwards MindFormers'
+generation/conversion hooks to it, owns the exact trainable set, and writes the PEFT-style
+``adapter_config.json`` that ``PetModel`` asks for.
+"""
+from fnmatch import fnmatch
+from typing import Dict, List
+
+from mindformers.models.modeling_utils import PreTrainedModel
+
+from mindformers_lora_ext.tuners.targeting import find_targets, replace_cells
+from mindformers_lora_ext import _boot
+
+# PetModel forwards these to its network (us); we forward them to the base model.
+_DELEGATED = (
+    "update_model_kwargs_before_generate", "prepare_inputs_for_generation",
+    "prepare_inputs_for_predict_layout", "slice_incremental_inputs", "set_dynamic_inputs",
+    "add_flags_custom", "to_embeddings", "convert_name", "convert_weight_dict",
+    "convert_map_dict", "obtain_name_map", "get_gpt_transformer_config",
+)
+
+
+class AdapterModel(PreTrainedModel):
+    """Base model with adapter cells in place of its target linear cells.
+
+    Subclasses implement ``make_layer(name, base_cell) -> AdoptedLinear``.
+    """
+
+    def __init__(self, config, base_model):
+        super().__init__(base_model.config, auto_prefix=False)
+        self.config.pet_config = config
+        targets = find_targets(base_model, config.target_modules, config.exclude_layers)
+        layers = replace_cells(base_model, targets, self.make_layer)
+        for name, layer in layers.items():
+            layer.name_parameters(name)
+        self.adapter_names: List[str] = list(layers)
+        self._adapter_layers: Dict[str, object] = layers
+        self.network = base_model
+
+    def make_layer(self, name, base_cell):
+        raise NotImplementedError
+
+    def adapter_layers(self) -> Dict[str, object]:
+        """Target cell name -> adapter cell, in traversal order."""
+        return dict(self._adapter_layers)
+
+    def adapter_parameters(self) -> list:
+        return [p for layer in self._adapter_layers.values() for p in layer.adapter_parameters()]
+
+    def apply_trainable_mask(self):
+        """Exactly the adapter parameters trainable, then the user's freeze globs on top.
+
+        ``freeze_include`` / ``freeze_exclude`` keep mindpet's meaning, matched on parameter
+        names: a name matching only include is frozen, only exclude is trained, both: untouched.
+        """
+        config = self.config.pet_config
+        adapters = {id(p) for p in self.adapter_parameters()}
+        include = config.freeze_include
+        # The config appends our adapter globs for PetModel's sake; they are not the user's.
+        exclude = [g for g in config.freeze_exclude or [] if g not in config.adapter_globs()]
+        for param in self.network.get_parameters():
+            trainable = id(param) in adapters
+            inc = bool(include) and any(fnmatch(param.name, g) for g in include)
+            exc = bool(exclude) and any(fnmatch(param.name, g) for g in exclude)
+            if inc and not exc:
+                trainable = False
+            elif exc and not inc:
+                trainable = True
+            param.requires_grad = trainable
+
+    def save_pet_config(self, save_path: str):
+        from mindformers_lora_ext import peft_format  # pylint: disable=import-outside-toplevel
+        peft_format.write_adapter_config(save_path, self.config.pet_config, self.adapter_names)
+
+    def construct(self, *inputs, **kwargs):
+        return self.network(*inputs, **kwargs)
+
+
+def _delegate(name):
+    def method(self, *args, **kwargs):
+        return getattr(self.network, name)(*args, **kwargs)
+    method.__name__ = name
+    method.__doc__ = f"Forwarded to the base model's ``{name}``."
+    return method
+
+
+for _name in _DELEGATED:
+    setattr(AdapterModel, _name, _delegate(_name))
+
+_boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

@@ -1,0 +1,90 @@
+"""Which cells of a network an adapter replaces, and the replacement itself.
+
+Matching follows HF PEFT: a string ``target_modules`` is a regex that must match the whole
+cell name (``model.layers.0.attention.wq``); a list matches names equal to, or ending in
+``.<item>``; ``all-linear`` takes every supported linear cell except the output head.
+``exclude_layers`` uses the same rules and wins over ``target_modules``.
+"""
+import re
+from typing import Callable, Dict, List, Sequence, Union
+
+from mindspore import nn
+
+from mindformers_lora_ext.config import ALL_LINEAR, KEY_PREFIX
+from mindformers_lora_ext import _boot
+
+# Output heads that ``all-linear`` leaves alone, as PEFT does for the output embedding.
+OUTPUT_HEADS = ("lm_head", "output_layer")
+
+
+def supported_linear_types() -> tuple:
+    """Cell types our adapters can wrap."""
+    from mindformers.modules.layers import Linear  # pylint: disable=import-outside-toplevel
+    return (nn.Dense, Linear)
+
+
+def linear_cell_names(network: nn.Cell) -> List[str]:
+    """Names of every supported linear cell of ``network``, in traversal order."""
+    types = supported_linear_types()
+    return [name for name, cell in network.cells_and_names() if name and isinstance(cell, types)]
+
+
+def _matches(name: str, spec: Union[str, Sequence[str], None]) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == item or name.endswith("." + item) for item in spec)
+
+
+def find_targets(network: nn.Cell, target_modules, exclude_layers=None) -> List[str]:
+    """Names of the cells to adapt, in traversal order.
+
+    Raises ValueError if a matched cell is not a supported linear type, or nothing matched.
+    """
+    types = supported_linear_types()
+    targets: List[str] = []
+    for name, cell in network.cells_and_names():
+        if not name or any(name.startswith(t + ".") for t in targets):
+            continue
+        if target_modules == ALL_LINEAR:
+            hit = isinstance(cell, types) and name.rsplit(".", 1)[-1] not in OUTPUT_HEADS
+        else:
+            hit = _matches(name, target_modules)
+        if not hit or _matches(name, exclude_layers):
+            continue
+        if not isinstance(cell, types):
+            raise ValueError(
+                f"{KEY_PREFIX}.target_modules = {target_modules!r} matches cell {name!r} of type "
+                f"{type(cell).__name__}, which is not a supported linear type "
+                f"({', '.join(t.__name__ for t in types)}). Narrow the pattern.")
+        targets.append(name)
+    if not targets:
+        sample = linear_cell_names(network)
+        shown = ", ".join(sample[:8]) + (", ..." if len(sample) > 8 else "")
+        raise ValueError(
+            f"{KEY_PREFIX}.target_modules = {target_modules!r} (exclude_layers = {exclude_layers!r}) "
+            f"matches no cell of {type(network).__name__}. Its {len(sample)} linear cells include: "
+            f"{shown}")
+    return targets
+
+
+def replace_cells(network: nn.Cell, names: Sequence[str],
+                  make: Callable[[str, nn.Cell], nn.Cell]) -> Dict[str, nn.Cell]:
+    """Replace each named cell by ``make(name, cell)``; returns name -> new cell.
+
+    Parameter names are left alone (``insert_child_to_cell`` does not prefix them), so the base
+    weights keep the names their checkpoints use; the new cell names its own parameters.
+    """
+    cells = dict(network.cells_and_names())
+    replaced = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = cells[parent_name] if parent_name else network
+        new = make(name, cells[name])
+        # pylint: disable=protected-access
+        parent._cells[child] = new
+        replaced[name] = new
+    return replaced
+
+_boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing
