@@ -1,0 +1,15 @@
+"""Our own plugin: registered through the same entry-point group as any third party."""
+
+
+def register():
+    """Entry point ``mindformers_lora_ext.plugins: mindformers_lora_ext``."""
+    # pylint: disable=import-outside-toplevel
+    from mindformers_lora_ext.callbacks import TrainingSummary
+    from mindformers_lora_ext.config import LoraExtConfig
+    from mindformers_lora_ext.registry import register_callback, register_pet_type, register_wrapper
+    from mindformers_lora_ext.tuners.lora import LoraExtModel
+    from mindformers_lora_ext.wrappers import CpuSafeTrainOneStepCell
+
+    register_pet_type("lora_ext", LoraExtModel, LoraExtConfig)
+    register_wrapper(CpuSafeTrainOneStepCell)
+    register_callback(TrainingSummary)
