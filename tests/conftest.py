@@ -1,0 +1,43 @@
+"""Shared fixtures: one tiny Llama config, helpers for fresh-interpreter runs."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny", "lora_ext.yaml")
+RUN_MINDFORMER = os.path.join(ROOT, "tests", "run_mindformer.py")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_context():
+    import mindspore as ms
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    import mindformers  # noqa: F401  the .pth hook loads our plugins here
+    from mindformers_lora_ext import registry
+    registry.load_plugins()
+
+
+@pytest.fixture
+def pynative():
+    import mindspore as ms
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+@pytest.fixture
+def tiny_config():
+    """A fresh MindFormerConfig of the tiny lora_ext Llama."""
+    from mindformers.tools.register import MindFormerConfig
+    return MindFormerConfig(TINY_CONFIG)
+
+
+def run_fresh(args, cwd, env=None, timeout=600):
+    """Run ``python <args>`` in a fresh interpreter; returns CompletedProcess (text)."""
+    full_env = dict(os.environ)
+    full_env.pop("PYTHONPATH", None)  # the plugin must come from the installed package
+    full_env.update(env or {})
+    return subprocess.run([sys.executable] + list(args), cwd=cwd, env=full_env, timeout=timeout,
+                          capture_output=True, text=True, check=False)

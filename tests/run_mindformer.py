@@ -1,0 +1,51 @@
+"""The path of MindFormers' stock ``run_mindformer.py`` ``main()``, for tests.
+
+``run_mindformer.py`` is not shipped in the mindformers wheel. This script does what its
+``__main__`` block and ``main()`` do for the options our tests use, and imports nothing but
+MindFormers: our plugin must be loaded by the ``.pth`` hook alone.
+"""
+import argparse
+
+from mindformers.core.context import build_context
+from mindformers.tools.register import MindFormerConfig
+from mindformers.trainer import Trainer
+
+try:  # the stock script imports it from here in newer MindFormers
+    from mindformers.tools import set_output_path
+except ImportError:  # MindFormers 1.9.0 keeps it in utils
+    from mindformers.utils.file_utils import set_output_path
+
+
+def main(config):
+    set_output_path(config.output_dir)
+    build_context(config)
+    trainer = Trainer(config)
+    if config.run_mode in ("train", "finetune"):
+        trainer.train()
+    elif config.run_mode == "eval":
+        trainer.evaluate(eval_checkpoint=config.load_checkpoint)
+    elif config.run_mode == "predict":
+        trainer.predict(predict_checkpoint=config.load_checkpoint, input_data=config.input_data)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--run_mode", default=None)
+    parser.add_argument("--train_dataset_dir", default=None)
+    parser.add_argument("--output_dir", default=None)
+    parser.add_argument("--load_checkpoint", default=None)
+    parser.add_argument("--use_parallel", default=None, type=lambda s: s.lower() == "true")
+    args = parser.parse_args()
+    cfg = MindFormerConfig(args.config)
+    if args.run_mode is not None:
+        cfg.run_mode = args.run_mode
+    if args.use_parallel is not None:
+        cfg.use_parallel = args.use_parallel
+    if args.load_checkpoint is not None:
+        cfg.load_checkpoint = args.load_checkpoint
+    if args.train_dataset_dir:
+        cfg.train_dataset.data_loader.dataset_dir = args.train_dataset_dir
+    if args.output_dir is not None:
+        cfg.output_dir = args.output_dir
+    main(cfg)
