@@ -7,6 +7,7 @@ a did-you-mean, never silently ignored, and every value is checked for type and 
 import copy
 import difflib
 import numbers
+import re
 from typing import Any, Dict, List, Union
 
 from mindformers.pet.pet_config import PetConfig
@@ -163,7 +164,6 @@ class AdapterConfig(PetConfig):
 
 
 def _compile(key, pattern):
-    import re  # pylint: disable=import-outside-toplevel
     try:
         return re.compile(pattern)
     except re.error as exc:

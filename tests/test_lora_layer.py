@@ -63,8 +63,8 @@ def test_initial_output_equals_base():
     np.testing.assert_allclose(layer(x).asnumpy(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_gradients_match_numpy(pynative):
-    del pynative
+@pytest.mark.usefixtures("pynative")
+def test_gradients_match_numpy():
     layer = LoraLinear(nn.Dense(7, 5, has_bias=False), rank=2, alpha=3.0)
     w, a, b = _randomize(layer, False)
     x = RNG.standard_normal((6, 7)).astype(np.float32)

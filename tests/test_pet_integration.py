@@ -1,4 +1,6 @@
 """Our pet types through MindFormers' own build_network -> get_pet_model -> PetModel."""
+import json
+
 import numpy as np
 import pytest
 
@@ -73,15 +75,13 @@ def test_strict_off_restores_stock_behaviour(tiny_config, monkeypatch):
     assert all(p.requires_grad for p in net.get_parameters())  # what stock MindFormers does
 
 
-def test_adapter_config_json_is_peft_shaped(tiny_config, tmp_path, monkeypatch):
-    import json
+def test_adapter_config_json_is_peft_shaped(tiny_config, tmp_path):
     net = build_network(tiny_config.model)
     path = tmp_path / "adapter_config.json"
     net.save_pet_config(str(path))
     data = json.loads(path.read_text())
     assert data["peft_type"] == "LORA" and data["r"] == 8 and data["lora_alpha"] == 16
     assert data["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    del monkeypatch
 
 
 def test_initial_logits_equal_base_model(tiny_config):

@@ -35,8 +35,8 @@ def test_builtin_plugin_registered_everything():
     assert "lora_ext" in DELTA_LIST
 
 
-def test_register_pet_type_wires_mindformers_and_is_idempotent(clean_toy):
-    del clean_toy
+@pytest.mark.usefixtures("clean_toy")
+def test_register_pet_type_wires_mindformers_and_is_idempotent():
     registry.register_pet_type("toy_lora", LoraExtModel, ToyConfig)
     registry.register_pet_type("toy_lora", LoraExtModel, ToyConfig)  # same again: no error
     assert PET_TYPE_TO_MODEL_MAPPING["toy_lora"] is LoraExtModel
