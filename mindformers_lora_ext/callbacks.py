@@ -45,8 +45,8 @@ class TrainingSummary(Callback):
 
     def on_train_begin(self, run_context):
         network = _network_of(run_context.original_args())
-        params = network.get_parameters()
-        trainable = [p for p in network.get_parameters() if p.requires_grad]
+        params = list(network.get_parameters())
+        trainable = [p for p in params if p.requires_grad]
         self.summary = {
             "trainable_params": int(sum(p.size for p in trainable)),
             "total_params": int(sum(p.size for p in params)),

@@ -34,12 +34,16 @@ class AdapterModel(PreTrainedModel):
         layers = replace_cells(base_model, targets, self.make_layer)
         for name, layer in layers.items():
             layer.name_parameters(name)
-        self.adapter_names: List[str] = list(layers)
         self._adapter_layers: Dict[str, object] = layers
         self.network = base_model
 
     def make_layer(self, name, base_cell):
         raise NotImplementedError
+
+    @property
+    def adapter_names(self) -> List[str]:
+        """Names of the adapted cells, in traversal order."""
+        return list(self._adapter_layers)
 
     def adapter_layers(self) -> Dict[str, object]:
         """Target cell name -> adapter cell, in traversal order."""
