@@ -41,22 +41,24 @@ def _ours_initializing(exclude=None):
     return False
 
 
-_deferred = []
+_deferred = False
 
 
 def _after_mindformers_import():
     # Plugins import our modules. If one of ours is what imported mindformers, it is still
     # half-defined now: defer until it ends (it calls resume_after_import() last thing).
+    global _deferred  # pylint: disable=global-statement
     if _ours_initializing():
-        _deferred.append(True)
+        _deferred = True
         return
     _load_plugins()
 
 
 def resume_after_import(module_name):
     """Last statement of each of our modules that imports mindformers at import time."""
+    global _deferred  # pylint: disable=global-statement
     if _deferred and not _ours_initializing(exclude=module_name):
-        _deferred.clear()
+        _deferred = False
         _load_plugins()
 
 

@@ -14,8 +14,7 @@ def _cmd_plugins(_args) -> int:
         print(f"  plugin {status.name} = {status.value} ({status.distribution}): {state}")
     print("registered:")
     for reg in registry.registered():
-        print(f"  {reg.kind:<9} {reg.name:<24} {registry._qualname(reg.obj)}"  # pylint: disable=protected-access
-              f"  [{reg.origin}]")
+        print(f"  {reg.kind:<9} {reg.name:<24} {registry.qualname(reg.obj)}  [{reg.origin}]")
     print(f"pet types MindFormers can build: {', '.join(integration.known_pet_types())}")
     return 0 if all(s.ok for s in statuses) else 1
 

@@ -128,25 +128,13 @@ class AdapterConfig(PetConfig):
                 f"Accepted keys: {', '.join(known)}")
 
     def _validate(self, values: Dict[str, Any]) -> Dict[str, Any]:
-        target = values["target_modules"]
-        if target is None:
+        if values["target_modules"] is None:
             raise PetConfigError(
                 f"{_key('target_modules')} is required: a regex matched against full cell names "
                 f"(e.g. '.*wq|.*wk|.*wv|.*wo'), a list of cell-name suffixes (e.g. [wq, wv]), "
                 f"or '{ALL_LINEAR}'")
-        if isinstance(target, str):
-            if not target:
-                raise PetConfigError(f"{_key('target_modules')} = '': expected a regex, a list or "
-                                     f"'{ALL_LINEAR}'")
-            if target != ALL_LINEAR:
-                _compile(_key("target_modules"), target)
-        else:
-            values["target_modules"] = _check_name_list("target_modules", target, allow_none=False)
-        exclude = values["exclude_layers"]
-        if isinstance(exclude, str):
-            _compile(_key("exclude_layers"), exclude)
-        else:
-            values["exclude_layers"] = _check_name_list("exclude_layers", exclude)
+        values["target_modules"] = _check_pattern("target_modules", values["target_modules"])
+        values["exclude_layers"] = _check_pattern("exclude_layers", values["exclude_layers"])
         for name in ("param_init_type", "compute_dtype"):
             if values[name] is not None:
                 _check_choice(name, values[name], DTYPES)
@@ -163,11 +151,20 @@ class AdapterConfig(PetConfig):
         return [f"*.{param}" for param in self.ADAPTER_PARAMETERS]
 
 
-def _compile(key, pattern):
+def _check_pattern(name, value):
+    """A cell selector: None, a regex string (or 'all-linear' for target_modules), or a name list."""
+    is_target = name == "target_modules"
+    if not isinstance(value, str):
+        return _check_name_list(name, value, allow_none=not is_target)
+    if is_target and not value:
+        raise PetConfigError(f"{_key(name)} = '': expected a regex, a list or '{ALL_LINEAR}'")
+    if is_target and value == ALL_LINEAR:
+        return value
     try:
-        return re.compile(pattern)
+        re.compile(value)
     except re.error as exc:
-        raise PetConfigError(f"{key} = {pattern!r} is not a valid regex: {exc}") from exc
+        raise PetConfigError(f"{_key(name)} = {value!r} is not a valid regex: {exc}") from exc
+    return value
 
 
 class LoraExtConfig(AdapterConfig):
@@ -194,5 +191,6 @@ class LoraExtConfig(AdapterConfig):
         """Rank, alpha and dropout for the target cell ``name``."""
         del name  # one setting for every module until rank_pattern/alpha_pattern exist
         return {"rank": self.lora_rank, "alpha": self.lora_alpha, "dropout": self.lora_dropout}
+
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

@@ -70,12 +70,13 @@ def _record(kind: str, name: str, obj: object, **extra) -> bool:
             return False
         raise RegistrationError(
             f"{kind} {name!r} is already registered by {existing.origin} "
-            f"({_qualname(existing.obj)}); {_origin()} tried to register {_qualname(obj)}")
+            f"({qualname(existing.obj)}); {_origin()} tried to register {qualname(obj)}")
     _registrations[key] = Registration(kind, name, obj, _origin(), dict(extra))
     return True
 
 
-def _qualname(obj) -> str:
+def qualname(obj) -> str:
+    """``module.QualName`` of a registered class or function."""
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
@@ -118,7 +119,7 @@ def _register_mf(kind: str, cls, name: Optional[str]):
             existing = MindFormerRegister.get_cls(module_type, name)
             if existing is not cls:
                 raise RegistrationError(
-                    f"{kind} {name!r} already exists in MindFormerRegister as {_qualname(existing)}")
+                    f"{kind} {name!r} already exists in MindFormerRegister as {qualname(existing)}")
         if _record(kind, name, cls):
             MindFormerRegister.register_cls(cls, module_type=module_type, alias=name)
     return cls
@@ -139,6 +140,10 @@ def register_optimizer(cls, name: Optional[str] = None):
     return _register_mf("optimizer", cls, name)
 
 
+def _dist_name(ep) -> str:
+    return getattr(getattr(ep, "dist", None), "name", None) or "?"
+
+
 def _entry_points():
     eps = importlib.metadata.entry_points()
     if hasattr(eps, "select"):
@@ -147,10 +152,9 @@ def _entry_points():
         selected = eps.get(ENTRY_POINT_GROUP, [])
     found = {}
     for ep in selected:
-        dist = getattr(getattr(ep, "dist", None), "name", None) or "?"
         # The same distribution can be visible twice on sys.path (e.g. an editable install
         # plus a build dir): keep the first, as importlib does for the code itself.
-        found.setdefault((ep.name, dist), ep)
+        found.setdefault((ep.name, _dist_name(ep)), ep)
     return [found[key] for key in sorted(found)]
 
 
@@ -169,7 +173,7 @@ def load_plugins() -> List[PluginStatus]:
     """Load every entry point of the group once; returns the status of each, in load order."""
     with _lock:
         for ep in _entry_points():
-            dist = getattr(getattr(ep, "dist", None), "name", None) or "?"
+            dist = _dist_name(ep)
             key = (ep.name, dist)
             if key in _plugins:
                 continue

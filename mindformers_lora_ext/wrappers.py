@@ -39,4 +39,5 @@ class CpuSafeTrainOneStepCell(MFTrainOneStepCell):
             flag_sum = self.allreduce(flag_sum)
         return flag_sum > 0
 
+
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

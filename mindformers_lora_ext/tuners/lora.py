@@ -52,4 +52,5 @@ class LoraExtModel(AdapterModel):
         return LoraLinear(base_cell, opts["rank"], opts["alpha"], opts["dropout"],
                           config.param_init_type, config.compute_dtype)
 
+
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

@@ -45,10 +45,6 @@ class AdapterModel(PreTrainedModel):
         """Names of the adapted cells, in traversal order."""
         return list(self._adapter_layers)
 
-    def adapter_layers(self) -> Dict[str, object]:
-        """Target cell name -> adapter cell, in traversal order."""
-        return dict(self._adapter_layers)
-
     def adapter_parameters(self) -> list:
         return [p for layer in self._adapter_layers.values() for p in layer.adapter_parameters()]
 
@@ -91,5 +87,6 @@ def _delegate(name):
 
 for _name in _DELEGATED:
     setattr(AdapterModel, _name, _delegate(_name))
+
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

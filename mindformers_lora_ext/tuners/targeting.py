@@ -87,4 +87,5 @@ def replace_cells(network: nn.Cell, names: Sequence[str],
         replaced[name] = new
     return replaced
 
+
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing
