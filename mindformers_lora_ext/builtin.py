@@ -5,11 +5,15 @@ def register():
     """Entry point ``mindformers_lora_ext.plugins: mindformers_lora_ext``."""
     # pylint: disable=import-outside-toplevel
     from mindformers_lora_ext.callbacks import TrainingSummary
-    from mindformers_lora_ext.config import LoraExtConfig
-    from mindformers_lora_ext.registry import register_callback, register_pet_type, register_wrapper
+    from mindformers_lora_ext.config import LORA_PRESETS
+    from mindformers_lora_ext.optimizers import LoraPlusAdamW
+    from mindformers_lora_ext.registry import (register_callback, register_optimizer,
+                                               register_pet_type, register_wrapper)
     from mindformers_lora_ext.tuners.lora import LoraExtModel
     from mindformers_lora_ext.wrappers import CpuSafeTrainOneStepCell
 
-    register_pet_type("lora_ext", LoraExtModel, LoraExtConfig)
+    for config_cls in LORA_PRESETS:
+        register_pet_type(config_cls.pet_type_name, LoraExtModel, config_cls)
     register_wrapper(CpuSafeTrainOneStepCell)
     register_callback(TrainingSummary)
+    register_optimizer(LoraPlusAdamW)

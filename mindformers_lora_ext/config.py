@@ -6,8 +6,10 @@ a did-you-mean, never silently ignored, and every value is checked for type and 
 """
 import copy
 import difflib
+import math
 import numbers
 import re
+from dataclasses import dataclass
 from typing import Any, Dict, List, Union
 
 from mindformers.pet.pet_config import PetConfig
@@ -21,6 +23,11 @@ DTYPES = ("float32", "float16", "bfloat16")
 _STOCK_LORA_HINTS = {
     "lora_a_init": "our A init is kaiming-uniform (as in HF PEFT)",
     "lora_b_init": "our B init is zeros (as in HF PEFT)",
+}
+# HF PEFT key names whose MindFormers-side name differs.
+_PEFT_KEY_HINTS = {
+    "r": "lora_rank",
+    "bias": "lora_bias",
 }
 
 
@@ -75,14 +82,20 @@ class AdapterConfig(PetConfig):
     """Base of our pet configs: the targeting and freezing keys every method shares.
 
     Subclasses set ``pet_type_name``, extend ``DEFAULTS`` and ``_validate``, and list the
-    attribute names of their trainable adapter parameters in ``ADAPTER_PARAMETERS``.
+    attribute names of their trainable adapter parameters in ``ADAPTER_PARAMETERS``. A pet
+    type that is a preset of another (``dora`` = ``lora_ext`` with ``use_dora: true``) lists
+    the keys it fixes in ``REQUIRED`` as key -> (description, predicate).
     """
 
     pet_type_name: str = ""
     ADAPTER_PARAMETERS: tuple = ()
+    REQUIRED: Dict[str, tuple] = {}
     DEFAULTS: Dict[str, Any] = {
         "target_modules": None,
         "exclude_layers": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
         "param_init_type": None,
         "compute_dtype": None,
         "freeze_include": None,
@@ -97,7 +110,13 @@ class AdapterConfig(PetConfig):
         values = dict(self.DEFAULTS)
         values.update(kwargs)
         super().__init__(pet_type=self.pet_type_name)
-        for name, value in self._validate(values).items():
+        values = self._validate(values)
+        for name, (description, accepts) in self.REQUIRED.items():
+            if not accepts(values[name]):
+                raise PetConfigError(
+                    f"{_key(name)} = {kwargs[name]!r} contradicts pet_type {self.pet_type_name!r}, "
+                    f"which means {name}: {description}. Drop the key, or pick another pet_type.")
+        for name, value in values.items():
             setattr(self, name, value)
 
     def __deepcopy__(self, memo=None):
@@ -122,6 +141,9 @@ class AdapterConfig(PetConfig):
             return (f"{_key(key)} is a key of MindFormers' stock 'lora', not of "
                     f"{self.pet_type_name!r}: {_STOCK_LORA_HINTS[key]}. Remove it. "
                     f"Accepted keys: {', '.join(known)}")
+        if key in _PEFT_KEY_HINTS and _PEFT_KEY_HINTS[key] in known:
+            return (f"{_key(key)}: HF PEFT's {key!r} is spelled {_PEFT_KEY_HINTS[key]!r} here. "
+                    f"Accepted keys: {', '.join(known)}")
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         return (f"{_key(key)} is not an option of pet type {self.pet_type_name!r}.{hint} "
@@ -135,6 +157,15 @@ class AdapterConfig(PetConfig):
                 f"or '{ALL_LINEAR}'")
         values["target_modules"] = _check_pattern("target_modules", values["target_modules"])
         values["exclude_layers"] = _check_pattern("exclude_layers", values["exclude_layers"])
+        values["layers_to_transform"] = _check_layers(values["layers_to_transform"])
+        pattern = values["layers_pattern"]
+        if pattern is not None:
+            if values["layers_to_transform"] is None:
+                raise PetConfigError(f"{_key('layers_pattern')} = {pattern!r} only applies together "
+                                     f"with {_key('layers_to_transform')}, which is not set")
+            values["layers_pattern"] = _check_name_list(
+                "layers_pattern", [pattern] if isinstance(pattern, str) else pattern)
+        values["modules_to_save"] = _check_name_list("modules_to_save", values["modules_to_save"])
         for name in ("param_init_type", "compute_dtype"):
             if values[name] is not None:
                 _check_choice(name, values[name], DTYPES)
@@ -160,37 +191,179 @@ def _check_pattern(name, value):
         raise PetConfigError(f"{_key(name)} = '': expected a regex, a list or '{ALL_LINEAR}'")
     if is_target and value == ALL_LINEAR:
         return value
+    _check_regex(name, value)
+    return value
+
+
+def _check_regex(name, value):
     try:
         re.compile(value)
     except re.error as exc:
         raise PetConfigError(f"{_key(name)} = {value!r} is not a valid regex: {exc}") from exc
+
+
+def _check_layers(value):
+    """``layers_to_transform``: None, an index, or a non-empty list of distinct indices >= 0."""
+    items = [value] if _is_int(value) else value
+    if value is None:
+        return None
+    if isinstance(items, (list, tuple)) and items and all(_is_int(i) and i >= 0 for i in items) \
+            and len(set(items)) == len(items):
+        return sorted(int(i) for i in items)
+    raise PetConfigError(f"{_key('layers_to_transform')} = {value!r}: expected a layer index >= 0 "
+                         f"or a non-empty list of distinct indices")
+
+
+def _check_pattern_dict(name, value, check_value):
+    """``rank_pattern`` / ``alpha_pattern``: {regex: value}, as in HF PEFT."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PetConfigError(f"{_key(name)} = {value!r}: expected a mapping of regex -> value")
+    out = {}
+    for pattern, item in value.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise PetConfigError(f"{_key(name)} key {pattern!r}: expected a non-empty regex string")
+        _check_regex(f"{name}[{pattern!r}]", pattern)
+        out[pattern] = check_value(f"{name}[{pattern!r}]", item)
+    return out
+
+
+def pattern_value(patterns: Dict[str, Any], name: str, default):
+    """The value of the first key of ``patterns`` matching cell ``name`` (HF PEFT's rule: the
+    key must match a trailing run of whole name components), else ``default``."""
+    for pattern, value in patterns.items():
+        if name == pattern or re.fullmatch(rf"(.*\.)?(?:{pattern})", name):
+            return value
+    return default
+
+
+INIT_SCHEMES = ("true", "false", "kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
+
+
+def _check_init(value):
+    """``init_lora_weights`` -> True | False | 'gaussian' | 'pissa' | 'pissa_niter_N' | 'olora'."""
+    if value is True or value is False:
+        return value
+    if value == "kaiming":
+        return True
+    if value in ("gaussian", "pissa", "olora") or (isinstance(value, str) and _PISSA_NITER.fullmatch(value)):
+        return value
+    raise PetConfigError(f"{_key('init_lora_weights')} = {value!r}: expected one of "
+                         f"{list(INIT_SCHEMES)} (N a positive integer)")
+
+
+def pissa_niter(init) -> Union[int, None]:
+    """Subspace iterations of fast PiSSA (``pissa_niter_4`` -> 4); None for exact SVD or not PiSSA."""
+    match = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+    return int(match.group(1)) if match else None
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise PetConfigError(f"{_key(name)} = {value!r}: expected true or false")
     return value
 
 
-class LoraExtConfig(AdapterConfig):
-    """``pet_type: lora_ext``: y = base(x) + s * B(A(dropout(x))), s = lora_alpha / lora_rank.
+@dataclass(frozen=True)
+class LoraSpec:
+    """What one adapted cell gets: rank r, scaling s, dropout p, init scheme, variant flags."""
 
-    Keys: ``lora_rank`` (int >= 1, default 8), ``lora_alpha`` (> 0, default 16),
-    ``lora_dropout`` (in [0, 1), default 0.0), plus the targeting keys of AdapterConfig.
+    rank: int
+    alpha: float
+    scaling: float
+    dropout: float
+    init: Union[bool, str]
+    use_dora: bool
+    lora_bias: bool
+
+
+class LoraExtConfig(AdapterConfig):
+    """``pet_type: lora_ext``: y = base(x) + s * B(A(dropout(x))), HF PEFT's LoraConfig knobs.
+
+    Keys (PEFT meaning): ``lora_rank`` (PEFT ``r``, int >= 1, default 8), ``lora_alpha`` (> 0,
+    default 16), ``lora_dropout`` ([0, 1)), ``use_rslora`` (s = alpha/sqrt(r) instead of
+    alpha/r), ``use_dora``, ``init_lora_weights`` (true/kaiming, false, gaussian, pissa,
+    pissa_niter_N, olora), ``rank_pattern`` / ``alpha_pattern`` ({regex: value}), ``lora_bias``
+    (a trainable bias on B), plus the targeting keys of AdapterConfig.
     """
 
     pet_type_name = "lora_ext"
-    ADAPTER_PARAMETERS = ("lora_A", "lora_B")
-    DEFAULTS = dict(AdapterConfig.DEFAULTS, lora_rank=8, lora_alpha=16, lora_dropout=0.0)
+    ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
+    DEFAULTS = dict(AdapterConfig.DEFAULTS, lora_rank=8, lora_alpha=16, lora_dropout=0.0,
+                    use_rslora=False, use_dora=False, init_lora_weights=True, rank_pattern=None,
+                    alpha_pattern=None, lora_bias=False)
 
     def _validate(self, values):
         values = super()._validate(values)
         values["lora_rank"] = _check_int("lora_rank", values["lora_rank"], 1)
-        values["lora_alpha"] = _check_real("lora_alpha", values["lora_alpha"], 0, float("inf"),
-                                           low_open=True, high_open=True)
+        values["lora_alpha"] = _check_alpha("lora_alpha", values["lora_alpha"])
         values["lora_dropout"] = _check_real("lora_dropout", values["lora_dropout"], 0, 1,
                                              high_open=True)
+        for name in ("use_rslora", "use_dora", "lora_bias"):
+            values[name] = _check_bool(name, values[name])
+        values["init_lora_weights"] = _check_init(values["init_lora_weights"])
+        values["rank_pattern"] = _check_pattern_dict(
+            "rank_pattern", values["rank_pattern"], lambda k, v: _check_int(k, v, 1))
+        values["alpha_pattern"] = _check_pattern_dict("alpha_pattern", values["alpha_pattern"],
+                                                      _check_alpha)
+        if values["lora_bias"] and values["use_dora"]:
+            raise PetConfigError(f"{_key('lora_bias')} = true is not supported with use_dora "
+                                 f"(as in HF PEFT): DoRA rescales the whole output")
+        if values["lora_bias"] and values["init_lora_weights"] not in (True, False):
+            raise PetConfigError(
+                f"{_key('lora_bias')} = true needs init_lora_weights true or false (as in HF "
+                f"PEFT), got {values['init_lora_weights']!r}")
         return values
 
-    def module_options(self, name: str) -> Dict[str, Union[int, float]]:
-        """Rank, alpha and dropout for the target cell ``name``."""
-        del name  # one setting for every module until rank_pattern/alpha_pattern exist
-        return {"rank": self.lora_rank, "alpha": self.lora_alpha, "dropout": self.lora_dropout}
+    def module_options(self, name: str) -> LoraSpec:
+        """The LoRA settings of target cell ``name`` (rank_pattern/alpha_pattern applied)."""
+        rank = pattern_value(self.rank_pattern, name, self.lora_rank)
+        alpha = pattern_value(self.alpha_pattern, name, self.lora_alpha)
+        scaling = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+        return LoraSpec(rank=rank, alpha=alpha, scaling=scaling, dropout=self.lora_dropout,
+                        init=self.init_lora_weights, use_dora=self.use_dora,
+                        lora_bias=self.lora_bias)
 
+
+def _check_alpha(name, value):
+    return _check_real(name, value, 0, float("inf"), low_open=True, high_open=True)
+
+
+class DoraConfig(LoraExtConfig):
+    """``pet_type: dora``: ``lora_ext`` with ``use_dora: true``."""
+
+    pet_type_name = "dora"
+    DEFAULTS = dict(LoraExtConfig.DEFAULTS, use_dora=True)
+    REQUIRED = {"use_dora": ("true", lambda v: v is True)}
+
+
+class RsLoraConfig(LoraExtConfig):
+    """``pet_type: rslora``: ``lora_ext`` with ``use_rslora: true`` (s = alpha / sqrt(r))."""
+
+    pet_type_name = "rslora"
+    DEFAULTS = dict(LoraExtConfig.DEFAULTS, use_rslora=True)
+    REQUIRED = {"use_rslora": ("true", lambda v: v is True)}
+
+
+class PissaConfig(LoraExtConfig):
+    """``pet_type: pissa``: ``lora_ext`` with ``init_lora_weights: pissa`` (or pissa_niter_N)."""
+
+    pet_type_name = "pissa"
+    DEFAULTS = dict(LoraExtConfig.DEFAULTS, init_lora_weights="pissa")
+    REQUIRED = {"init_lora_weights": ("pissa or pissa_niter_<N>",
+                                      lambda v: v == "pissa" or pissa_niter(v) is not None)}
+
+
+class OloraConfig(LoraExtConfig):
+    """``pet_type: olora``: ``lora_ext`` with ``init_lora_weights: olora``."""
+
+    pet_type_name = "olora"
+    DEFAULTS = dict(LoraExtConfig.DEFAULTS, init_lora_weights="olora")
+    REQUIRED = {"init_lora_weights": ("olora", lambda v: v == "olora")}
+
+
+LORA_PRESETS = (LoraExtConfig, DoraConfig, RsLoraConfig, PissaConfig, OloraConfig)
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

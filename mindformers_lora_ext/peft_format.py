@@ -7,11 +7,21 @@ from mindformers_lora_ext.naming import hf_module_name
 
 
 def peft_config_dict(config, adapter_names) -> dict:
-    """The PEFT ``LoraConfig`` fields for a ``lora_ext`` config adapting ``adapter_names``.
+    """The PEFT ``LoraConfig`` fields for a LoRA-family config adapting ``adapter_names``.
 
     ``target_modules`` lists real module names (HF Llama names where known), as PEFT needs.
+    ``rank_pattern`` / ``alpha_pattern`` are resolved per adapted module and written with full
+    HF module names (PEFT matches a full name exactly), so regexes need no translation.
     """
     targets = sorted({hf_module_name(n).rsplit(".", 1)[-1] for n in adapter_names})
+    rank_pattern, alpha_pattern = {}, {}
+    for name in adapter_names:
+        spec = config.module_options(name)
+        if spec.rank != config.lora_rank:
+            rank_pattern[hf_module_name(name)] = spec.rank
+        if spec.alpha != config.lora_alpha:
+            alpha_pattern[hf_module_name(name)] = spec.alpha
+    saved = config.modules_to_save
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -22,12 +32,15 @@ def peft_config_dict(config, adapter_names) -> dict:
         "target_modules": targets,
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "modules_to_save": None,
+        "init_lora_weights": config.init_lora_weights,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
+        "modules_to_save": [hf_module_name(n) for n in saved] if saved else None,
         "inference_mode": True,
     }
 

@@ -3,7 +3,8 @@ import copy
 
 import pytest
 
-from mindformers_lora_ext.config import LoraExtConfig, PetConfigError
+from mindformers_lora_ext.config import (DoraConfig, LoraExtConfig, OloraConfig, PetConfigError,
+                                         PissaConfig, RsLoraConfig)
 
 BASE = {"target_modules": ".*wq|.*wv"}
 
@@ -15,7 +16,7 @@ def make(**kw):
 def test_defaults_and_adapter_globs():
     cfg = make()
     assert (cfg.pet_type, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == ("lora_ext", 8, 16.0, 0.0)
-    assert cfg.freeze_exclude == ["*.lora_A", "*.lora_B"]
+    assert cfg.freeze_exclude == ["*.lora_A", "*.lora_B", "*.lora_B_bias", "*.lora_magnitude_vector"]
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -31,6 +32,15 @@ def test_defaults_and_adapter_globs():
     ("exclude_layers", [3], "exclude_layers = [3]"),
     ("compute_dtype", "fp16", "expected one of ['float32', 'float16', 'bfloat16']"),
     ("freeze_exclude", "*lm_head*", "freeze_exclude = '*lm_head*': expected a non-empty list"),
+    ("use_dora", "yes", "use_dora = 'yes': expected true or false"),
+    ("init_lora_weights", "pissa_niter_0", "expected one of ['true', 'false', 'kaiming', 'gaussian'"),
+    ("init_lora_weights", "svd", "init_lora_weights = 'svd'"),
+    ("rank_pattern", {"wq": 0}, "rank_pattern['wq'] = 0: expected an integer >= 1"),
+    ("rank_pattern", ["wq"], "expected a mapping of regex -> value"),
+    ("alpha_pattern", {"(wq": 4}, "is not a valid regex"),
+    ("layers_to_transform", [0, 0], "expected a layer index >= 0 or a non-empty list of distinct"),
+    ("layers_to_transform", -1, "layers_to_transform = -1"),
+    ("modules_to_save", "lm_head", "modules_to_save = 'lm_head': expected a non-empty list"),
 ])
 def test_bad_values_name_key_and_value(key, value, needle):
     with pytest.raises(PetConfigError) as err:
@@ -69,4 +79,57 @@ def test_deepcopy_round_trip():
     cfg = make(lora_rank=4, freeze_exclude=["*lm_head*"])
     dup = copy.deepcopy(cfg)
     assert type(dup) is LoraExtConfig and dict(dup) == dict(cfg)
-    assert dup.freeze_exclude == ["*lm_head*", "*.lora_A", "*.lora_B"]
+    assert dup.freeze_exclude[:3] == ["*lm_head*", "*.lora_A", "*.lora_B"]
+
+
+def test_peft_spelling_gets_a_hint():
+    with pytest.raises(PetConfigError, match="HF PEFT's 'r' is spelled 'lora_rank' here"):
+        make(r=4)
+
+
+def test_layers_pattern_needs_layers_to_transform():
+    with pytest.raises(PetConfigError, match="layers_pattern = 'layers' only applies together"):
+        make(layers_pattern="layers")
+    assert make(layers_to_transform=1, layers_pattern="layers").layers_pattern == ["layers"]
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"use_dora": True, "lora_bias": True}, "lora_bias = true is not supported with use_dora"),
+    ({"init_lora_weights": "pissa", "lora_bias": True}, "needs init_lora_weights true or false"),
+])
+def test_incompatible_options(kw, needle):
+    with pytest.raises(PetConfigError, match=needle):
+        make(**kw)
+
+
+def test_module_options_follow_patterns_and_rslora():
+    cfg = make(lora_rank=8, lora_alpha=16, rank_pattern={"wq": 4, r"layers\.1\..*": 2},
+               alpha_pattern={"attention.wv": 3})
+    q0 = cfg.module_options("model.layers.0.attention.wq")
+    assert (q0.rank, q0.alpha, q0.scaling) == (4, 16, 4.0)
+    v1 = cfg.module_options("model.layers.1.attention.wv")
+    assert (v1.rank, v1.alpha, v1.scaling) == (2, 3, 1.5)  # first matching key wins
+    k0 = cfg.module_options("model.layers.0.attention.wk")
+    assert (k0.rank, k0.scaling) == (8, 2.0)
+    # a key matches whole trailing name components only ("q" is not "wq")
+    assert make(rank_pattern={"q": 1}).module_options("model.layers.0.attention.wq").rank == 8
+    rs = make(lora_rank=4, lora_alpha=8, use_rslora=True).module_options("x")
+    assert rs.scaling == pytest.approx(8 / 2)
+
+
+@pytest.mark.parametrize("cls,key,good,bad", [
+    (DoraConfig, "use_dora", True, False),
+    (RsLoraConfig, "use_rslora", True, False),
+    (PissaConfig, "init_lora_weights", "pissa_niter_4", "olora"),
+    (OloraConfig, "init_lora_weights", "olora", "gaussian"),
+])
+def test_presets_fix_their_key(cls, key, good, bad):
+    assert getattr(cls(**BASE), key) == cls.DEFAULTS[key]
+    assert getattr(cls(**BASE, **{key: good}), key) == good
+    with pytest.raises(PetConfigError) as err:
+        cls(**BASE, **{key: bad})
+    assert f"{key} = {bad!r} contradicts pet_type {cls.pet_type_name!r}" in str(err.value)
+
+
+def test_kaiming_is_peft_true():
+    assert make(init_lora_weights="kaiming").init_lora_weights is True

@@ -1,56 +1,214 @@
-"""LoRA: y = base(x) + s * (dropout(x) A^T) B^T, with s = lora_alpha / r.
+"""LoRA and its variants on one layer: y = base(x) + s * (dropout(x) A^T) B^T  [+ s * b_B].
 
-A [r, in] starts kaiming-uniform (a = sqrt(5), bound 1/sqrt(in), as HF PEFT), B [out, r]
-starts at zero, so the adapted cell initially equals its base. Parameters are named
-``<cell>.lora_A`` and ``<cell>.lora_B``.
+A [r, in], B [out, r]; s = alpha / r (rsLoRA: alpha / sqrt(r)); initial values by
+``init_lora_weights`` (see lora_init). Variants are hook classes, as in HF PEFT: ``Lora`` is
+the plain update and ``Dora`` rescales the adapted weight per output feature,
+W' = m * (W + s B A) / ||W + s B A||_row, with the norm treated as a constant in backward.
+Each variant also holds its merge math, on float64 numpy arrays, so folding into a live layer
+and into a checkpoint file is the same code.
+Parameters are named ``<cell>.lora_A``, ``.lora_B``, ``.lora_B_bias``, ``.lora_magnitude_vector``
+(trainable) and ``<cell>.lora_active`` (frozen 0/1 gate that merge() clears).
 """
-import math
+from typing import Dict, Optional
 
-from mindspore import Parameter, nn
-from mindspore.common.initializer import HeUniform, initializer
+import numpy as np
+from mindspore import Parameter, Tensor, nn
+from mindspore.common import dtype as mstype
+from mindspore.common.initializer import initializer
+from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
-from mindformers_lora_ext.tuners.base_layer import AdoptedLinear, to_mstype
+from mindformers_lora_ext.config import LoraSpec
+from mindformers_lora_ext.tuners.base_layer import AdoptedLinear, to_mstype, to_numpy
+from mindformers_lora_ext.tuners.lora_init import FromBase, lora_initializers
 from mindformers_lora_ext.tuners.model import AdapterModel
 from mindformers_lora_ext import _boot
 
 
-class LoraLinear(AdoptedLinear):
-    """An adopted linear cell plus a rank-``rank`` update.
+class Lora:
+    """The plain LoRA update (hooks are static: they take the layer)."""
 
-    Args: base (nn.Dense | Linear), rank (int), alpha (float), dropout (float in [0, 1)),
-    param_init_type / compute_dtype ("float32" | "float16" | "bfloat16" | None = the base's).
+    extra_parameters = ()
+
+    @staticmethod
+    def init(layer):
+        """Create the variant's own parameters on ``layer``."""
+
+    @staticmethod
+    def delta(layer, x2d, base_out):  # pylint: disable=unused-argument  (graph mode has no `del`)
+        return layer.lora_path(layer.lora_dropout(x2d))
+
+    @staticmethod
+    def merge(weight, delta_weight, params):
+        """(merged weight, cache for unmerge) from float64 [out, in] arrays."""
+        del params
+        return weight + delta_weight, None
+
+    @staticmethod
+    def unmerge(weight, delta_weight, params, cache):
+        del params, cache
+        return weight - delta_weight
+
+
+class Dora(Lora):
+    """DoRA: magnitude m [out] (trainable, starts at ||W||_row) times the direction of W + sBA."""
+
+    extra_parameters = ("lora_magnitude_vector",)
+
+    @staticmethod
+    def init(layer):
+        def row_norms():  # of W + s B A: the adapted cell starts out equal to its LoRA form
+            # A and B first: materialising them may replace W by its PiSSA/OLoRA residual
+            arrays = {"lora_A": to_numpy(layer.lora_A), "lora_B": to_numpy(layer.lora_B)}
+            return np.linalg.norm(layer.weight_array() + delta_weight_array(arrays, layer.scaling), axis=1)
+        layer.lora_magnitude_vector = Parameter(
+            initializer(FromBase(row_norms), [layer.out_channels], layer.lora_A.dtype),
+            name="lora_magnitude_vector")
+
+    @staticmethod
+    def delta(layer, x2d, base_out):
+        x_drop = layer.lora_dropout(x2d)
+        if layer.dropout_active and layer.training:
+            base_out = layer.matmul(x_drop, layer.cast(layer.weight, layer.compute_dtype))
+        adapted = layer.weight_oi() + layer.delta_weight()
+        norm = F.stop_gradient(F.sqrt(F.reduce_sum(adapted * adapted, 1)))
+        scale = layer.cast(layer.lora_magnitude_vector, layer.compute_dtype) / norm
+        return (scale - 1) * layer.active() * base_out + scale * layer.lora_path(x_drop)
+
+    @staticmethod
+    def merge(weight, delta_weight, params):
+        adapted = weight + delta_weight
+        norm = np.linalg.norm(adapted, axis=1)
+        return adapted * (params["lora_magnitude_vector"] / norm)[:, None], norm
+
+    @staticmethod
+    def unmerge(weight, delta_weight, params, cache):
+        return weight * (cache / params["lora_magnitude_vector"])[:, None] - delta_weight
+
+
+class LoraLinear(AdoptedLinear):
+    """An adopted linear cell plus a rank-``spec.rank`` update.
+
+    Args: base (nn.Dense | Linear), spec (LoraSpec), param_init_type / compute_dtype
+    ("float32" | "float16" | "bfloat16" | None = the base's).
     """
 
-    def __init__(self, base, rank, alpha, dropout=0.0, param_init_type=None, compute_dtype=None):
+    def __init__(self, base, spec: LoraSpec, param_init_type=None, compute_dtype=None):
         super().__init__(base, compute_dtype)
         param_dtype = to_mstype(param_init_type) or self.weight.dtype
-        self.rank = rank
-        self.scaling = float(alpha) / rank
-        self.lora_A = Parameter(initializer(HeUniform(negative_slope=math.sqrt(5)),
-                                            [rank, self.in_channels], param_dtype), name="lora_A")
-        self.lora_B = Parameter(initializer("zeros", [self.out_channels, rank], param_dtype),
+        self.rank = spec.rank
+        self.scaling = spec.scaling
+        init_a, init_b = lora_initializers(spec.init, self, spec.rank, spec.scaling)
+        self.lora_A = Parameter(initializer(init_a, [spec.rank, self.in_channels], param_dtype),
+                                name="lora_A")
+        self.lora_B = Parameter(initializer(init_b, [self.out_channels, spec.rank], param_dtype),
                                 name="lora_B")
-        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.use_lora_bias = spec.lora_bias
+        if spec.lora_bias:
+            self.lora_B_bias = Parameter(initializer("zeros", [self.out_channels], param_dtype),
+                                         name="lora_B_bias")
+        self.dropout_active = spec.dropout > 0
+        self.lora_dropout = nn.Dropout(p=spec.dropout) if self.dropout_active else nn.Identity()
         self.lora_a_matmul = P.MatMul(transpose_b=True)
         self.lora_b_matmul = P.MatMul(transpose_b=True)
+        self.delta_matmul = P.MatMul()
+        # 1 while the adapter is applied, 0 once merged: a Parameter, so a graph compiled
+        # before merge() still computes the right thing (a Python flag would be frozen into it).
+        self.lora_active = Parameter(Tensor(1.0, mstype.float32), name="lora_active",
+                                     requires_grad=False)
+        self.variant = Dora if spec.use_dora else Lora
+        self.variant.init(self)
+        self._merge_cache = None
 
-    def delta(self, x2d):
-        h = self.lora_a_matmul(self.lora_dropout(x2d), self.cast(self.lora_A, self.compute_dtype))
-        return self.lora_b_matmul(h, self.cast(self.lora_B, self.compute_dtype)) * self.scaling
+    def active(self):
+        """1 (adapter applied) or 0 (merged), in compute dtype."""
+        return self.cast(self.lora_active, self.compute_dtype)
+
+    def lora_path(self, x2d):
+        """s * (x A^T) B^T [+ s * b_B] for ``x2d`` [N, in] -> [N, out]."""
+        h = self.lora_a_matmul(x2d, self.cast(self.lora_A, self.compute_dtype))
+        y = self.lora_b_matmul(h, self.cast(self.lora_B, self.compute_dtype))
+        if self.use_lora_bias:
+            y = y + self.cast(self.lora_B_bias, self.compute_dtype)
+        return y * (self.active() * self.scaling)
+
+    def delta_weight(self):
+        """s * B A [out, in] in compute dtype, a constant for backward (used by DoRA's norm)."""
+        return F.stop_gradient(self.delta_matmul(self.cast(self.lora_B, self.compute_dtype),
+                                                 self.cast(self.lora_A, self.compute_dtype))) * self.scaling
+
+    def delta(self, x2d, base_out):
+        return self.variant.delta(self, x2d, base_out)
 
     def adapter_parameters(self):
-        return [self.lora_A, self.lora_B]
+        names = ("lora_A", "lora_B") + (("lora_B_bias",) if self.use_lora_bias else ()) \
+            + self.variant.extra_parameters
+        return [getattr(self, name) for name in names]
+
+    def adapter_arrays(self) -> Dict[str, np.ndarray]:
+        """The adapter parameters as float64 numpy arrays, by attribute name."""
+        return {p.name.rsplit(".", 1)[-1]: to_numpy(p) for p in self.adapter_parameters()}
+
+    def merge(self):
+        """Fold the adapter into the base weight (and bias); forward then skips the adapter."""
+        if self.merged:
+            raise RuntimeError("adapter is already merged")
+        arrays = self.adapter_arrays()
+        merged, self._merge_cache = self.variant.merge(
+            self.weight_array(), delta_weight_array(arrays, self.scaling), arrays)
+        self.set_weight_array(merged)
+        self._shift_bias(arrays, +1)
+        self.lora_active.set_data(Tensor(0.0, mstype.float32))
+        self.merged = True
+
+    def unmerge(self):
+        """Undo :meth:`merge` (to float rounding)."""
+        if not self.merged:
+            raise RuntimeError("adapter is not merged")
+        arrays = self.adapter_arrays()
+        self.set_weight_array(self.variant.unmerge(
+            self.weight_array(), delta_weight_array(arrays, self.scaling), arrays, self._merge_cache))
+        self._shift_bias(arrays, -1)
+        self.lora_active.set_data(Tensor(1.0, mstype.float32))
+        self.merged = False
+
+    def _shift_bias(self, arrays, sign):
+        if not self.use_lora_bias:
+            return
+        if not self.has_bias:
+            raise ValueError("lora_bias needs a base cell with a bias to merge into")
+        bias = to_numpy(self.bias) + sign * self.scaling * arrays["lora_B_bias"]
+        self.bias.set_data(Tensor(bias.astype(np.float32), self.bias.dtype))
+
+
+def delta_weight_array(arrays: Dict[str, np.ndarray], scaling: float) -> np.ndarray:
+    """s * B A as float64 [out, in]."""
+    return scaling * (arrays["lora_B"] @ arrays["lora_A"])
+
+
+def merged_weight(weight_oi: np.ndarray, arrays: Dict[str, np.ndarray], scaling: float,
+                  use_dora: bool) -> np.ndarray:
+    """The merged [out, in] weight for a checkpoint: W folded with the adapter ``arrays``."""
+    variant = Dora if use_dora else Lora
+    return variant.merge(weight_oi, delta_weight_array(arrays, scaling), arrays)[0]
 
 
 class LoraExtModel(AdapterModel):
-    """``pet_type: lora_ext``."""
+    """``pet_type: lora_ext`` and its presets (dora, rslora, pissa, olora)."""
 
     def make_layer(self, name, base_cell):
         config = self.config.pet_config
-        opts = config.module_options(name)
-        return LoraLinear(base_cell, opts["rank"], opts["alpha"], opts["dropout"],
-                          config.param_init_type, config.compute_dtype)
+        return LoraLinear(base_cell, config.module_options(name), config.param_init_type,
+                          config.compute_dtype)
+
+    def merge(self):
+        """Fold every adapter into its base weight (forward of a compiled graph is unchanged)."""
+        for layer in self._adapter_layers.values():
+            layer.merge()
+
+    def unmerge(self):
+        for layer in self._adapter_layers.values():
+            layer.unmerge()
 
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

@@ -9,7 +9,8 @@ from typing import Dict, List
 
 from mindformers.models.modeling_utils import PreTrainedModel
 
-from mindformers_lora_ext.tuners.targeting import find_targets, replace_cells
+from mindformers_lora_ext.config import KEY_PREFIX
+from mindformers_lora_ext.tuners.targeting import find_cells, find_targets, replace_cells
 from mindformers_lora_ext import _boot
 
 # PetModel forwards these to its network (us); we forward them to the base model.
@@ -30,11 +31,18 @@ class AdapterModel(PreTrainedModel):
     def __init__(self, config, base_model):
         super().__init__(base_model.config, auto_prefix=False)
         self.config.pet_config = config
-        targets = find_targets(base_model, config.target_modules, config.exclude_layers)
+        targets = find_targets(base_model, config.target_modules, config.exclude_layers,
+                               config.layers_to_transform, config.layers_pattern)
+        saved = find_cells(base_model, "modules_to_save", config.modules_to_save or [])
+        for name in saved:
+            if any(t == name or t.startswith(name + ".") or name.startswith(t + ".") for t in targets):
+                raise ValueError(f"{KEY_PREFIX}.modules_to_save cell {name!r} overlaps an adapter "
+                                 f"target; a cell is either adapted or fully trained")
         layers = replace_cells(base_model, targets, self.make_layer)
         for name, layer in layers.items():
             layer.name_parameters(name)
         self._adapter_layers: Dict[str, object] = layers
+        self._modules_to_save: Dict[str, object] = saved
         self.network = base_model
 
     def make_layer(self, name, base_cell):
@@ -46,16 +54,22 @@ class AdapterModel(PreTrainedModel):
         return list(self._adapter_layers)
 
     def adapter_parameters(self) -> list:
+        """The adapters' own parameters (A, B, ...), in traversal order."""
         return [p for layer in self._adapter_layers.values() for p in layer.adapter_parameters()]
 
+    def saved_parameters(self) -> list:
+        """What an adapter checkpoint holds: adapter parameters, then those of ``modules_to_save``."""
+        extra = [p for cell in self._modules_to_save.values() for p in cell.get_parameters()]
+        return self.adapter_parameters() + extra
+
     def apply_trainable_mask(self):
-        """Exactly the adapter parameters trainable, then the user's freeze globs on top.
+        """Exactly the saved parameters trainable, then the user's freeze globs on top.
 
         ``freeze_include`` / ``freeze_exclude`` keep mindpet's meaning, matched on parameter
         names: a name matching only include is frozen, only exclude is trained, both: untouched.
         """
         config = self.config.pet_config
-        adapters = {id(p) for p in self.adapter_parameters()}
+        adapters = {id(p) for p in self.saved_parameters()}
         include = config.freeze_include
         # The config appends our adapter globs for PetModel's sake; they are not the user's.
         exclude = [g for g in config.freeze_exclude or [] if g not in config.adapter_globs()]

@@ -15,6 +15,8 @@ from mindformers_lora_ext import _boot
 
 # Output heads that ``all-linear`` leaves alone, as PEFT does for the output embedding.
 OUTPUT_HEADS = ("lm_head", "output_layer")
+# Where ``layers_to_transform`` looks for the block index when ``layers_pattern`` is unset.
+DEFAULT_LAYERS_PATTERNS = ("layers", "h", "blocks", "layer")
 
 
 def supported_linear_types() -> tuple:
@@ -37,10 +39,14 @@ def _matches(name: str, spec: Union[str, Sequence[str], None]) -> bool:
     return any(name == item or name.endswith("." + item) for item in spec)
 
 
-def find_targets(network: nn.Cell, target_modules, exclude_layers=None) -> List[str]:
+def find_targets(network: nn.Cell, target_modules, exclude_layers=None, layers_to_transform=None,
+                 layers_pattern=None) -> List[str]:
     """Names of the cells to adapt, in traversal order.
 
-    Raises ValueError if a matched cell is not a supported linear type, or nothing matched.
+    ``layers_to_transform`` (layer indices) keeps only cells under ``.<pattern>.<index>.``
+    (``layers_pattern``, default HF PEFT's layers/h/blocks/layer).
+    Raises ValueError if a matched cell is not a supported linear type, a requested layer
+    index has no target, or nothing matched.
     """
     types = supported_linear_types()
     targets: List[str] = []
@@ -59,14 +65,53 @@ def find_targets(network: nn.Cell, target_modules, exclude_layers=None) -> List[
                 f"{type(cell).__name__}, which is not a supported linear type "
                 f"({', '.join(t.__name__ for t in types)}). Narrow the pattern.")
         targets.append(name)
+    if layers_to_transform is not None:
+        targets = _in_layers(targets, layers_to_transform, layers_pattern)
     if not targets:
-        sample = linear_cell_names(network)
-        shown = ", ".join(sample[:8]) + (", ..." if len(sample) > 8 else "")
         raise ValueError(
             f"{KEY_PREFIX}.target_modules = {target_modules!r} (exclude_layers = {exclude_layers!r}) "
-            f"matches no cell of {type(network).__name__}. Its {len(sample)} linear cells include: "
-            f"{shown}")
+            f"matches no cell of {type(network).__name__}. {_linear_sample(network)}")
     return targets
+
+
+def _linear_sample(network):
+    sample = linear_cell_names(network)
+    shown = ", ".join(sample[:8]) + (", ..." if len(sample) > 8 else "")
+    return f"Its {len(sample)} linear cells include: {shown}"
+
+
+def layer_index(name: str, layers_pattern=None):
+    """The block index in ``name`` (``model.layers.3.attention.wq`` -> 3), or None."""
+    for pattern in layers_pattern or DEFAULT_LAYERS_PATTERNS:
+        match = re.match(rf"(?:.*\.)?{re.escape(pattern)}\.(\d+)\.", name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _in_layers(targets, layers, layers_pattern):
+    by_layer = {}
+    for name in targets:
+        by_layer.setdefault(layer_index(name, layers_pattern), []).append(name)
+    missing = [i for i in layers if i not in by_layer]
+    if missing:
+        found = sorted(i for i in by_layer if i is not None)
+        raise ValueError(
+            f"{KEY_PREFIX}.layers_to_transform = {layers!r}: layer(s) {missing} have no target "
+            f"(layers_pattern = {layers_pattern or list(DEFAULT_LAYERS_PATTERNS)!r}; "
+            f"target layers found: {found})")
+    return [name for name in targets if layer_index(name, layers_pattern) in layers]
+
+
+def find_cells(network: nn.Cell, key: str, suffixes: Sequence[str]) -> Dict[str, nn.Cell]:
+    """Cells whose name equals or ends in ``.<suffix>`` (e.g. ``modules_to_save``); every
+    suffix must match at least one cell."""
+    cells = {name: cell for name, cell in network.cells_and_names() if name and _matches(name, suffixes)}
+    for item in suffixes:
+        if not any(_matches(name, [item]) for name in cells):
+            raise ValueError(f"{KEY_PREFIX}.{key} entry {item!r} matches no cell of "
+                             f"{type(network).__name__}. {_linear_sample(network)}")
+    return cells
 
 
 def replace_cells(network: nn.Cell, names: Sequence[str],

@@ -1,0 +1,244 @@
+"""LoraLinear and its variants (rsLoRA, DoRA, lora_bias, init schemes) against numpy formulas."""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from mindformers.modules.layers import Linear
+from mindformers_lora_ext.config import LoraExtConfig
+from mindformers_lora_ext.tuners.lora import LoraLinear, merged_weight
+
+RNG = np.random.default_rng(1234)
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+BASES = {
+    "dense": lambda: nn.Dense(12, 10, has_bias=True),
+    "linear": lambda: Linear(12, 10, has_bias=False, compute_dtype=ms.float32),
+    "linear_not_transposed": lambda: Linear(12, 10, has_bias=True, transpose_b=False,
+                                            compute_dtype=ms.float32),
+}
+VARIANTS = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+    "lora_bias": {"lora_bias": True},
+}
+
+
+def spec(**kw):
+    kw.setdefault("lora_rank", 3)
+    kw.setdefault("lora_alpha", 6.0)
+    return LoraExtConfig(target_modules=["x"], **kw).module_options("x")
+
+
+def randomize(layer):
+    """Random values for every parameter; returns float64 arrays (W as [out, in])."""
+    arrays = {}
+    for param in [layer.weight] + ([layer.bias] if layer.has_bias else []) + layer.adapter_parameters():
+        value = RNG.standard_normal(param.shape).astype(np.float32)
+        if param.name.endswith("magnitude_vector"):
+            value = np.abs(value) + 0.5
+        param.set_data(Tensor(value))
+        arrays[param.name.rsplit(".", 1)[-1]] = value.astype(np.float64)
+    if not layer.transpose_b:
+        arrays["weight"] = arrays["weight"].T
+    return arrays
+
+
+def reference(x, arr, s, dora):
+    """y = x W'^T + bias, W' = W + s B A (DoRA: m * V / ||V||_row with V = W + s B A)."""
+    adapted = arr["weight"] + s * arr["lora_B"] @ arr["lora_A"]
+    if dora:
+        adapted = adapted * (arr["lora_magnitude_vector"] / np.linalg.norm(adapted, axis=1))[:, None]
+    y = x @ adapted.T + s * arr.get("lora_B_bias", 0.0)
+    return y + arr.get("bias", 0.0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANTS.keys())
+@pytest.mark.parametrize("make", BASES.values(), ids=BASES.keys())
+def test_forward_matches_numpy(make, variant):
+    base = make()
+    layer = LoraLinear(base, spec(**VARIANTS[variant]))
+    assert layer.weight is base.weight  # adopted, not copied
+    arr = randomize(layer)
+    x = RNG.standard_normal((2, 5, 12)).astype(np.float32)  # 3-D input
+    out = layer(Tensor(x)).asnumpy()
+    s = 6.0 / np.sqrt(3) if variant == "rslora" else 2.0
+    assert layer.scaling == pytest.approx(s)
+    assert out.shape == (2, 5, 10)
+    np.testing.assert_allclose(out.reshape(-1, 10), reference(x.reshape(-1, 12), arr, s, variant == "dora"),
+                               **TOL)
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", "pissa", "pissa_niter_2", "olora"])
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_initial_output_equals_base(init, use_dora):
+    base = nn.Dense(12, 10)
+    x = Tensor(RNG.standard_normal((4, 12)).astype(np.float32))
+    expected, base_weight = base(x).asnumpy(), base.weight.asnumpy().copy()
+    layer = LoraLinear(base, spec(init_lora_weights=init, use_dora=use_dora))
+    np.testing.assert_allclose(layer(x).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+    if use_dora:  # magnitude starts at the row norms of W + s B A (= the original W), as PEFT
+        np.testing.assert_allclose(layer.lora_magnitude_vector.asnumpy(),
+                                   np.linalg.norm(base_weight, axis=1), rtol=1e-5)
+
+
+def test_init_false_starts_non_zero():
+    base = nn.Dense(12, 10)
+    x = Tensor(RNG.standard_normal((4, 12)).astype(np.float32))
+    layer = LoraLinear(base, spec(lora_rank=4, init_lora_weights=False))
+    b = layer.lora_B.asnumpy()
+    assert np.abs(b).max() <= 1 / np.sqrt(4) and b.std() > 0.1  # kaiming-uniform, fan_in = r
+    assert not np.allclose(layer(x).asnumpy(), base(x).asnumpy(), atol=1e-3)
+
+
+def test_random_init_statistics():
+    kaiming = LoraLinear(nn.Dense(400, 10), spec(lora_rank=64))
+    a = kaiming.lora_A.asnumpy()
+    assert np.abs(a).max() <= 1 / np.sqrt(400) and a.std() == pytest.approx(1 / np.sqrt(3 * 400), rel=0.05)
+    assert not kaiming.lora_B.asnumpy().any()
+    gauss = LoraLinear(nn.Dense(400, 10), spec(lora_rank=16, init_lora_weights="gaussian"))
+    assert gauss.lora_A.asnumpy().std() == pytest.approx(1 / 16, rel=0.05)
+
+
+def _weight_with_spectrum(out, inp, singular):
+    u, _ = np.linalg.qr(RNG.standard_normal((out, out)))
+    v, _ = np.linalg.qr(RNG.standard_normal((inp, inp)))
+    return (u[:, :len(singular)] * singular) @ v[:, :len(singular)].T
+
+
+@pytest.mark.parametrize("init,tol", [("pissa", 1e-5), ("pissa_niter_4", 1e-3)])
+def test_pissa_takes_the_top_singular_triplets(init, tol):
+    w = _weight_with_spectrum(10, 12, np.array([9.0, 7.0, 5.0, 0.3, 0.2, 0.1]))
+    base = nn.Dense(12, 10, has_bias=False)
+    base.weight.set_data(Tensor(w.astype(np.float32)))
+    layer = LoraLinear(base, spec(lora_rank=3, lora_alpha=6.0, init_lora_weights=init))
+    a, b = layer.lora_A.asnumpy().astype(np.float64), layer.lora_B.asnumpy().astype(np.float64)
+    u, sv, vt = np.linalg.svd(w)
+    top = (u[:, :3] * sv[:3]) @ vt[:3]
+    np.testing.assert_allclose(2.0 * b @ a, top, atol=tol * 10)
+    np.testing.assert_allclose(layer.weight.asnumpy(), w - top, atol=tol * 10)
+    # A and B carry sqrt(S/s) each, as in PEFT
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), np.sqrt(sv[:3] / 2.0), rtol=tol)
+
+
+def test_olora_takes_the_qr_factors():
+    w = RNG.standard_normal((10, 12))
+    base = nn.Dense(12, 10, has_bias=False)
+    base.weight.set_data(Tensor(w.astype(np.float32)))
+    layer = LoraLinear(base, spec(lora_rank=4, lora_alpha=8.0, init_lora_weights="olora"))
+    a, b = layer.lora_A.asnumpy().astype(np.float64), layer.lora_B.asnumpy().astype(np.float64)
+    np.testing.assert_allclose(b.T @ b, np.eye(4), atol=1e-5)       # orthonormal columns
+    np.testing.assert_allclose(np.tril(a[:, :4], -1), 0, atol=1e-6)  # upper-triangular R
+    np.testing.assert_allclose(layer.weight.asnumpy(), w - 2.0 * b @ a, atol=1e-5)
+
+
+def test_data_driven_init_rejects_rank_above_dims():
+    with pytest.raises(ValueError, match=r"needs rank <= min\(out, in\) = 5, got rank 8"):
+        LoraLinear(nn.Dense(12, 5), spec(lora_rank=8, init_lora_weights="olora"))
+
+
+@pytest.mark.usefixtures("pynative")
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_gradients_match_numpy(use_dora):
+    layer = LoraLinear(nn.Dense(7, 5, has_bias=False), spec(lora_rank=2, lora_alpha=3.0, use_dora=use_dora))
+    arr = randomize(layer)
+    x = RNG.standard_normal((6, 7)).astype(np.float32)
+    g = RNG.standard_normal((6, 5)).astype(np.float32)
+    params = layer.adapter_parameters()
+
+    def loss(inp):
+        return (layer(inp) * Tensor(g)).sum()
+
+    _, (dx, grads) = ms.value_and_grad(loss, grad_position=0, weights=params)(Tensor(x))
+    s, x64, g64 = 1.5, x.astype(np.float64), g.astype(np.float64)
+    w, a, b = arr["weight"], arr["lora_A"], arr["lora_B"]
+    # DoRA: y = c * (x W^T + s x A^T B^T) with c = m / ||W + sBA||_row held constant in backward
+    c = np.ones(5)
+    if use_dora:
+        c = arr["lora_magnitude_vector"] / np.linalg.norm(w + s * b @ a, axis=1)
+    gc = g64 * c
+    expected = {"lora_A": s * (gc @ b).T @ x64, "lora_B": s * gc.T @ (x64 @ a.T)}
+    if use_dora:
+        norm = np.linalg.norm(w + s * b @ a, axis=1)
+        expected["lora_magnitude_vector"] = (g64 * (x64 @ w.T + s * x64 @ a.T @ b.T)).sum(0) / norm
+    assert [p.name.rsplit(".", 1)[-1] for p in params] == list(expected)
+    for param, grad in zip(params, grads):
+        np.testing.assert_allclose(grad.asnumpy(), expected[param.name.rsplit(".", 1)[-1]], **TOL)
+    np.testing.assert_allclose(dx.asnumpy(), gc @ w + s * (gc @ b) @ a, **TOL)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "lora_bias"])
+@pytest.mark.parametrize("make", BASES.values(), ids=BASES.keys())
+def test_merge_then_unmerge(make, variant):
+    base = make()
+    if variant == "lora_bias" and not base.has_bias:
+        pytest.skip("lora_bias merges into a base bias")
+    layer = LoraLinear(base, spec(**VARIANTS[variant]))
+    arr = randomize(layer)
+    x = Tensor(RNG.standard_normal((6, 12)).astype(np.float32))
+    before, weight0 = layer(x).asnumpy(), layer.weight.asnumpy().copy()
+    bias0 = layer.bias.asnumpy().copy() if base.has_bias else None
+    layer.merge()
+    merged = layer.weight.asnumpy()
+    expected = merged_weight(arr["weight"], arr, 2.0, variant == "dora")
+    np.testing.assert_allclose(merged if layer.transpose_b else merged.T, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    # the graph compiled before merge() still gives the same output (the gate is a Parameter) ...
+    np.testing.assert_allclose(layer(x).asnumpy(), before, rtol=1e-5, atol=1e-5)
+    # ... and a graph compiled after it skips the adapter altogether
+    fresh = LoraLinear(make(), spec(**VARIANTS[variant]))
+    fresh.merged = True
+    for param in fresh.get_parameters():
+        param.set_data(Tensor(dict((p.name.rsplit(".", 1)[-1], p) for p in layer.get_parameters())[
+            param.name.rsplit(".", 1)[-1]].asnumpy()))
+    np.testing.assert_allclose(fresh(x).asnumpy(), before, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    np.testing.assert_allclose(layer.weight.asnumpy(), weight0, rtol=1e-5, atol=1e-6)
+    if bias0 is not None:
+        np.testing.assert_allclose(layer.bias.asnumpy(), bias0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer(x).asnumpy(), before, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_on_the_adapter_path():
+    layer = LoraLinear(nn.Dense(16, 8, has_bias=False), spec(lora_rank=4, lora_alpha=4, lora_dropout=0.5))
+    arr = randomize(layer)
+    x = RNG.standard_normal((64, 16)).astype(np.float32)
+    layer.set_train(False)  # eval: dropout off, exact formula
+    np.testing.assert_allclose(layer(Tensor(x)).asnumpy(), reference(x, arr, 1.0, False), **TOL)
+    layer.set_train(True)
+    trained = layer(Tensor(x)).asnumpy()
+    assert not np.allclose(trained, reference(x, arr, 1.0, False), atol=1e-3)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", True])
+def test_data_driven_init_sees_weights_loaded_after_wrapping(init):
+    """MindFormers builds under no_init_parameters when load_checkpoint is set, wraps, and
+    only then loads the base weights: DoRA's m and PiSSA/OLoRA must come from those."""
+    from mindspore.nn.utils import no_init_parameters
+
+    class Net(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Dense(12, 10, has_bias=False)
+
+        def construct(self, x):
+            return self.proj(x)
+
+    loaded = RNG.standard_normal((10, 12)).astype(np.float32)
+    x = Tensor(RNG.standard_normal((4, 12)).astype(np.float32))
+    with no_init_parameters():
+        net = Net()
+        net.proj = LoraLinear(net.proj, spec(lora_rank=3, init_lora_weights=init, use_dora=True))
+    assert net.proj.lora_A.has_init and net.proj.lora_magnitude_vector.has_init  # not computed yet
+    ms.load_param_into_net(net, {"proj.weight": ms.Parameter(Tensor(loaded), name="proj.weight")})
+    net.init_parameters_data()
+    np.testing.assert_allclose(net.proj.lora_magnitude_vector.asnumpy(), np.linalg.norm(loaded, axis=1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(net(x).asnumpy(), x.asnumpy() @ loaded.T, rtol=1e-5, atol=1e-5)
+    if init != "pissa":
+        return
+    u, sv, vt = np.linalg.svd(loaded.astype(np.float64))
+    np.testing.assert_allclose(2.0 * net.proj.lora_B.asnumpy() @ net.proj.lora_A.asnumpy(),
+                               (u[:, :3] * sv[:3]) @ vt[:3], atol=1e-4)
