@@ -7,20 +7,28 @@ import re
 import pytest
 import yaml
 
-from conftest import RUN_MINDFORMER, TINY_CONFIG, run_fresh
+from conftest import ROOT, RUN_MINDFORMER, TINY_CONFIG, run_fresh
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-def _write_config(tmp_path, **pet_overrides):
-    with open(TINY_CONFIG, encoding="utf-8") as handle:
-        cfg = yaml.safe_load(handle)
-    cfg["model"]["model_config"]["pet_config"].update(pet_overrides)
-    cfg["callbacks"].append({"type": "TrainingSummary", "check_frozen": True,
-                             "summary_file": str(tmp_path / "summary.json")})
+def _write_config(tmp_path, base=TINY_CONFIG, **pet_overrides):
+    """A run YAML on top of ``base`` (MindFormers merges base_config) adding TrainingSummary."""
+    cfg = {"base_config": [os.path.abspath(base)],
+           "callbacks": [{"type": "MFLossMonitor"},
+                         {"type": "TrainingSummary", "check_frozen": True,
+                          "summary_file": str(tmp_path / "summary.json")}]}
+    if pet_overrides:
+        cfg["model"] = {"model_config": {"pet_config": pet_overrides}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def _train(tmp_path, config, dataset):
+    proc = run_fresh([RUN_MINDFORMER, "--config", str(config), "--train_dataset_dir", dataset,
+                      "--output_dir", str(tmp_path / "out")], cwd=str(tmp_path))
+    return proc, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +38,15 @@ def dataset(tmp_path_factory):
     return write_tiny_dataset(str(path), num_rows=64, seq_length=32, vocab_size=128)
 
 
-def test_lora_ext_finetune_through_stock_main(tmp_path, dataset):
-    config = _write_config(tmp_path)
-    proc = run_fresh([RUN_MINDFORMER, "--config", str(config), "--train_dataset_dir", dataset,
-                      "--output_dir", str(tmp_path / "out")], cwd=str(tmp_path))
-    log = proc.stdout + proc.stderr
+TINY = {name: os.path.join(ROOT, "configs", "tiny", f"{name}.yaml")
+        for name in ("lora_ext", "dora", "rslora", "pissa", "olora", "loraplus")}
+LORA_PARAMS = 2 * 4 * 2 * 8 * 64  # layers x targets x (A + B) x rank x hidden
+DORA_PARAMS = 2 * 4 * 64          # one magnitude per output feature
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_config_finetunes_through_stock_main(tmp_path, dataset, name):
+    proc, log = _train(tmp_path, _write_config(tmp_path, TINY[name]), dataset)
     assert proc.returncode == 0, log[-4000:]
     printed = [float(m) for m in re.findall(r"loss:\[\s*([0-9.eE+-]+)/", log)]
     assert len(printed) == 32 and all(math.isfinite(v) for v in printed)  # MindFormers' loss lines
@@ -43,18 +55,16 @@ def test_lora_ext_finetune_through_stock_main(tmp_path, dataset):
     assert losses == pytest.approx(printed, rel=1e-5)
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.03, losses  # it learns
     adapters = sorted(summary["trainable_names"])
-    assert adapters and all(re.fullmatch(r"model\.layers\.\d\.attention\.w[qkvo]\.lora_[AB]", n)
+    kinds = "lora_A|lora_B|lora_magnitude_vector" if name == "dora" else "lora_A|lora_B"
+    assert adapters and all(re.fullmatch(rf"model\.layers\.\d\.attention\.w[qkvo]\.({kinds})", n)
                             for n in adapters)
     assert sorted(summary["changed_trainable"]) == adapters  # every adapter moved ...
     assert summary["changed_frozen"] == []                    # ... and nothing else did
-    assert summary["trainable_params"] == 2 * 4 * 2 * 8 * 64
+    assert summary["trainable_params"] == LORA_PARAMS + (DORA_PARAMS if name == "dora" else 0)
 
 
 def test_typo_in_pet_type_fails_before_training(tmp_path, dataset):
-    config = _write_config(tmp_path, pet_type="lora_etx")
-    proc = run_fresh([RUN_MINDFORMER, "--config", str(config), "--train_dataset_dir", dataset,
-                      "--output_dir", str(tmp_path / "out")], cwd=str(tmp_path))
-    log = proc.stdout + proc.stderr
+    proc, log = _train(tmp_path, _write_config(tmp_path, pet_type="lora_etx"), dataset)
     assert proc.returncode != 0
     assert "model.model_config.pet_config.pet_type = 'lora_etx' is not a registered pet type" in log
     assert "Did you mean 'lora_ext'?" in log
