@@ -21,7 +21,7 @@ def _cmd_plugins(_args) -> int:
 
 def _cmd_demo(args) -> int:
     from mindformers_lora_ext.demo import run_demo  # pylint: disable=import-outside-toplevel
-    summary = run_demo(args.pet_type, args.steps, args.output_dir)
+    summary = run_demo(args.config, args.steps, args.output_dir)
     return 0 if summary["last_loss"] < summary["first_loss"] and not summary["changed_frozen"] else 1
 
 
@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list plugins and what they registered")
     plugins.set_defaults(func=_cmd_plugins)
     demo = sub.add_parser("demo", help="fine-tune a tiny Llama on CPU (under a minute)")
-    demo.add_argument("--pet-type", default="lora_ext", help="pet type with a shipped tiny config")
+    from mindformers_lora_ext.demo import tiny_configs  # pylint: disable=import-outside-toplevel
+    demo.add_argument("--config", "--pet-type", dest="config", default="lora_ext",
+                      choices=sorted(tiny_configs()),
+                      help="shipped tiny config (a pet type, or loraplus); default lora_ext")
     demo.add_argument("--steps", type=int, default=32, help="training steps (default 32)")
     demo.add_argument("--output-dir", default="mindformers_lora_demo", help="where data and outputs go")
     demo.set_defaults(func=_cmd_demo)

@@ -12,7 +12,7 @@ _CONFIG_DIRS = (os.path.join(_PACKAGE_DIR, "configs"),
 
 
 def tiny_configs() -> dict:
-    """pet type -> path of its shipped tiny CPU config."""
+    """Config name (a pet type, or ``loraplus``) -> path of the shipped tiny CPU config."""
     for directory in _CONFIG_DIRS:
         found = sorted(glob.glob(os.path.join(directory, "*.yaml")))
         if found:
@@ -20,19 +20,20 @@ def tiny_configs() -> dict:
     return {}
 
 
-def run_demo(pet_type: str = "lora_ext", steps: int = 32, output_dir: str = "mindformers_lora_demo"):
-    """Write tiny data, train ``steps`` steps through the run_mindformer.py path; returns the summary."""
+def run_demo(name: str = "lora_ext", steps: int = 32, output_dir: str = "mindformers_lora_demo"):
+    """Write tiny data, train tiny config ``name`` for ``steps`` steps through the
+    run_mindformer.py path; returns the summary."""
     # pylint: disable=import-outside-toplevel
     from mindformers.tools.register import MindFormerConfig
     from mindformers_lora_ext.launcher import run_main
 
     configs = tiny_configs()
-    if pet_type not in configs:
-        raise ValueError(f"no tiny config for pet type {pet_type!r}; shipped: {sorted(configs)}")
+    if name not in configs:
+        raise ValueError(f"no tiny config {name!r}; shipped: {sorted(configs)}")
     if steps < 1:
         raise ValueError(f"steps = {steps}: expected >= 1")
     output_dir = os.path.abspath(output_dir)
-    config = MindFormerConfig(configs[pet_type])
+    config = MindFormerConfig(configs[name])
     batch = config.runner_config.batch_size
     model_config = config.model.model_config
     data = write_tiny_dataset(os.path.join(output_dir, "data", "train.mindrecord"),
@@ -43,7 +44,8 @@ def run_demo(pet_type: str = "lora_ext", steps: int = 32, output_dir: str = "min
     summary_file = os.path.join(output_dir, "summary.json")
     config.callbacks = list(config.callbacks or []) + [
         {"type": "TrainingSummary", "summary_file": summary_file, "check_frozen": True}]
-    print(f"[mindformers-lora-ext] demo: pet_type {pet_type}, config {configs[pet_type]}, "
+    print(f"[mindformers-lora-ext] demo: pet_type {config.model.model_config.pet_config.pet_type}, "
+          f"config {configs[name]}, "
           f"{steps} steps, outputs in {output_dir}", flush=True)
     run_main(config)
     with open(summary_file, encoding="utf-8") as handle:
