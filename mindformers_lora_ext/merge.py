@@ -14,6 +14,7 @@ import mindspore as ms
 
 from mindformers_lora_ext.tuners.base_layer import to_numpy
 from mindformers_lora_ext.tuners.lora import merged_weight
+from mindformers_lora_ext import _boot
 
 ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_active")
 
@@ -86,3 +87,6 @@ def _merge_cell(params, tensors, cell, spec, use_dora):
             raise KeyError(f"{cell}.lora_B_bias needs a base bias {cell}.bias to merge into")
         new_bias = to_numpy(bias) + spec.scaling * arrays["lora_B_bias"]
         bias.set_data(ms.Tensor(new_bias.astype(np.float32), bias.dtype))
+
+
+_boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

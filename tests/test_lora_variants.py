@@ -242,3 +242,10 @@ def test_data_driven_init_sees_weights_loaded_after_wrapping(init):
     u, sv, vt = np.linalg.svd(loaded.astype(np.float64))
     np.testing.assert_allclose(2.0 * net.proj.lora_B.asnumpy() @ net.proj.lora_A.asnumpy(),
                                (u[:, :3] * sv[:3]) @ vt[:3], atol=1e-4)
+
+
+def test_data_driven_init_refuses_a_sharded_weight():
+    base = nn.Dense(12, 10, has_bias=False)
+    base.weight.set_data(Tensor(np.ones((5, 12), np.float32)), slice_shape=True)  # an mp=2 slice
+    with pytest.raises(ValueError, match=r"holds a \(5, 12\) slice of \(10, 12\)"):
+        LoraLinear(base, spec(init_lora_weights="pissa"))

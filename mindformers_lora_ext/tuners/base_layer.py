@@ -1,8 +1,11 @@
-"""The frozen base of an adapted linear cell, adopted from ``nn.Dense`` or MindFormers ``Linear``.
+"""The frozen base of an adapted linear cell: ``nn.Dense``, MindFormers ``Linear``, or an mcore
+``ColumnParallelLinear`` / ``RowParallelLinear`` (and subclasses).
 
 An adapter cell takes over the base cell's own ``weight``/``bias`` Parameter objects (same
-names, so base checkpoints load unchanged) and its matmul/bias primitives (so shard strategies
-set on them carry over), and computes exactly what the base cell computes.
+names, so base checkpoints load unchanged) and computes exactly what the base cell computes.
+Dense/Linear: it adopts their matmul/bias primitives (so shard strategies set on them carry
+over). mcore: it keeps the base cell as child ``base_layer`` and calls it, since its forward is
+a ``Morph`` carrying the cell's parallel layouts.
 """
 import numpy as np
 from mindspore import Tensor, nn
@@ -17,19 +20,37 @@ def to_mstype(name):
     return None if name is None else _DTYPES[name]
 
 
+def parallel_linear_types() -> tuple:
+    """mcore ColumnParallelLinear / RowParallelLinear (imported lazily: they pull in mcore)."""
+    # pylint: disable=import-outside-toplevel
+    from mindformers.parallel_core.training_graph.tensor_parallel.layers import (
+        ColumnParallelLinear, RowParallelLinear)
+    return ColumnParallelLinear, RowParallelLinear
+
+
 class AdoptedLinear(nn.Cell):
     """Base class of adapter cells: ``act(x W^T + b)`` of the adopted cell, plus a delta hook.
 
     Attributes: ``in_channels``, ``out_channels``, ``weight`` ([out, in] when ``transpose_b``,
-    else [in, out]), ``bias`` ([out] or None), ``compute_dtype``.
+    else [in, out]), ``bias`` ([out], only if ``has_bias``), ``compute_dtype``, ``matmul``
+    (x2d [N, in] @ weight in its stored layout), ``parallel`` (base is an mcore layer).
     Subclasses implement ``delta(x2d, base_out)`` -> [N, out] in ``compute_dtype``, added
     before bias and activation (HF models apply activations outside Linear, so that is where
     PEFT adds it). While ``merged`` is set the delta is skipped: it lives in ``weight``.
+
+    Dense/Linear: ``construct(x) -> y``. mcore: ``construct(x, weight=None) -> (y, bias)``, the
+    base's contract: ``bias`` is None when the base added it, else its raw bias Parameter.
+    A ``weight`` passed in goes to the base as is; the adapter (delta, DoRA, merge) always
+    uses the layer's own weight, so layers fed an external weight are unsupported targets.
     """
 
     def __init__(self, base: nn.Cell, compute_dtype=None):
         super().__init__()
         from mindformers.modules.layers import Linear  # pylint: disable=import-outside-toplevel
+        self.parallel = isinstance(base, parallel_linear_types())
+        if self.parallel:
+            self._adopt_parallel(base, compute_dtype)
+            return
         if isinstance(base, Linear):
             if base.expert_flag or base.use_gmm:
                 raise TypeError("MindFormers Linear with experts (expert_num > 1 or use_gmm) is not "
@@ -40,7 +61,8 @@ class AdoptedLinear(nn.Cell):
             self.transpose_b = True
             base_dtype = base.weight.dtype
         else:
-            raise TypeError(f"cannot adapt a {type(base).__name__}: expected nn.Dense or MindFormers Linear")
+            raise TypeError(f"cannot adapt a {type(base).__name__}: expected nn.Dense, MindFormers Linear, "
+                            "ColumnParallelLinear or RowParallelLinear")
         self.in_channels = base.in_channels
         self.out_channels = base.out_channels
         self.compute_dtype = to_mstype(compute_dtype) or base_dtype
@@ -52,6 +74,34 @@ class AdoptedLinear(nn.Cell):
         self.matmul = base.matmul
         self.activation = base.activation
         self.activation_flag = base.activation is not None
+        self._common_ops()
+
+    def _adopt_parallel(self, base, compute_dtype):
+        if base.weight is None:  # skip_weight_param_allocation: fed the embedding table at call time
+            raise TypeError(f"{type(base).__name__} without its own weight (skip_weight_param_allocation, "
+                            "e.g. an output layer tied to the embeddings) is not supported as an adapter "
+                            "target")
+        if not base.transpose_b:  # its Morph infers [..., in] as output shape: wrong inside any graph
+            raise TypeError(f"{type(base).__name__} with transpose_b=False is not supported as an adapter "
+                            "target")
+        # insert_child_to_cell, not setattr: setattr would rename every base Parameter to
+        # "base_layer.<attr>" (Cell.update_parameters_name), breaking checkpoint names.
+        self.insert_child_to_cell("base_layer", base)
+        self.transpose_b = True
+        self.in_channels = base.input_size
+        self.out_channels = base.output_size
+        self.compute_dtype = to_mstype(compute_dtype) or base.compute_dtype
+        self.weight = base.weight  # the same Parameter object, also registered here: name kept
+        self.has_bias = base.has_bias
+        if self.has_bias:
+            self.bias = base.bias
+        # The base folds its bias into the output unless skip_bias_add; DoRA needs it out again.
+        self.bias_in_output = base.has_bias and not base.skip_bias_add
+        # Our own MatMul (DoRA's dropout path): base.matmul runs inside the base's Morph.
+        self.matmul = P.MatMul(transpose_b=True)
+        self._common_ops()
+
+    def _common_ops(self):
         # True once merged: graphs compiled from then on skip the adapter entirely.
         self.merged = False
         self.cast = P.Cast()
@@ -59,7 +109,9 @@ class AdoptedLinear(nn.Cell):
         self.reshape = P.Reshape()
         self.shape = P.Shape()
 
-    def construct(self, x):
+    def construct(self, x, weight=None):
+        if self.parallel:  # a constant: graph mode compiles one branch
+            return self._parallel_forward(x, weight)
         out_shape = self.shape(x)[:-1] + (self.out_channels,)
         ori_dtype = x.dtype
         x2d = self.cast(self.reshape(x, (-1, self.in_channels)), self.compute_dtype)
@@ -71,6 +123,18 @@ class AdoptedLinear(nn.Cell):
         if self.activation_flag:
             y = self.activation(y)
         return self.reshape(self.cast(y, ori_dtype), out_shape)
+
+    def _parallel_forward(self, x, weight):
+        """mcore: (base(x) + delta, bias); y has x's dtype, x any [..., in]."""
+        y, bias = self.base_layer(x) if weight is None else self.base_layer(x, weight)
+        if self.merged:
+            return y, bias
+        x2d = self.cast(self.reshape(x, (-1, self.in_channels)), self.compute_dtype)
+        base_out = self.cast(self.reshape(y, (-1, self.out_channels)), self.compute_dtype)
+        if self.bias_in_output:  # delta wants x W^T alone (DoRA scales it); HF PEFT does the same
+            base_out = base_out - self.cast(self.bias, self.compute_dtype)
+        delta = self.delta(x2d, base_out)
+        return y + self.reshape(self.cast(delta, y.dtype), self.shape(y)), bias
 
     def delta(self, x2d, base_out):
         """The adapter's contribution for ``x2d`` [N, in], given ``base_out`` = x2d W^T [N, out]
@@ -95,6 +159,10 @@ class AdoptedLinear(nn.Cell):
     def weight_array(self) -> np.ndarray:
         """The base weight as a float64 [out, in] numpy array (a copy)."""
         data = to_numpy(self.weight)
+        full = (self.out_channels, self.in_channels) if self.transpose_b else (self.in_channels, self.out_channels)
+        if data.shape != full:  # a model-parallel slice: SVD/QR/norms of it would be wrong
+            raise ValueError(f"weight {self.weight.name} holds a {data.shape} slice of {full}: "
+                             f"PiSSA, OLoRA and DoRA need the whole weight (not sharded) to initialise")
         return data if self.transpose_b else data.T
 
     def set_weight_array(self, weight_oi: np.ndarray):

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Sequence, Union
 from mindspore import nn
 
 from mindformers_lora_ext.config import ALL_LINEAR, KEY_PREFIX
+from mindformers_lora_ext.tuners.base_layer import parallel_linear_types
 from mindformers_lora_ext import _boot
 
 # Output heads that ``all-linear`` leaves alone, as PEFT does for the output embedding.
@@ -20,9 +21,9 @@ DEFAULT_LAYERS_PATTERNS = ("layers", "h", "blocks", "layer")
 
 
 def supported_linear_types() -> tuple:
-    """Cell types our adapters can wrap."""
+    """Cell types our adapters can wrap (mcore's subclasses LinearNoTP etc. included)."""
     from mindformers.modules.layers import Linear  # pylint: disable=import-outside-toplevel
-    return (nn.Dense, Linear)
+    return (nn.Dense, Linear) + parallel_linear_types()
 
 
 def linear_cell_names(network: nn.Cell) -> List[str]:
