@@ -4,7 +4,7 @@
 def register():
     """Entry point ``mindformers_lora_ext.plugins: mindformers_lora_ext``."""
     # pylint: disable=import-outside-toplevel
-    from mindformers_lora_ext.callbacks import TrainingSummary
+    from mindformers_lora_ext.callbacks import AdapterCheckpoint, TrainingSummary
     from mindformers_lora_ext.config import LORA_PRESETS
     from mindformers_lora_ext.optimizers import LoraPlusAdamW
     from mindformers_lora_ext.registry import (register_callback, register_optimizer,
@@ -16,4 +16,5 @@ def register():
         register_pet_type(config_cls.pet_type_name, LoraExtModel, config_cls)
     register_wrapper(CpuSafeTrainOneStepCell)
     register_callback(TrainingSummary)
+    register_callback(AdapterCheckpoint)
     register_optimizer(LoraPlusAdamW)

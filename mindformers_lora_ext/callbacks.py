@@ -1,10 +1,17 @@
 """Trainer callbacks registered in MindFormerRegister (YAML ``callbacks: - type: <name>``)."""
+# pylint: disable=too-many-instance-attributes
 import json
+import math
 import os
 from typing import Dict, List, Optional
 
 import numpy as np
+from mindspore import Tensor
 from mindspore.train.callback import Callback
+
+from mindformers_lora_ext.tuners.base_layer import param_array
+
+OPTIMIZER_NAME = "optimizer.safetensors"
 
 
 def _network_of(cb_params):
@@ -56,9 +63,7 @@ class TrainingSummary(Callback):
             self._before = _checksums(network)
 
     def on_train_step_end(self, run_context):
-        outputs = run_context.original_args().net_outputs
-        loss = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-        self.losses.append(float(np.asarray(loss.asnumpy()).mean()))
+        self.losses.append(_loss_of(run_context.original_args()))
 
     def on_train_end(self, run_context):
         network = _network_of(run_context.original_args())
@@ -79,3 +84,200 @@ class TrainingSummary(Callback):
             os.makedirs(os.path.dirname(os.path.abspath(self.summary_file)), exist_ok=True)
             with open(self.summary_file, "w", encoding="utf-8") as handle:
                 json.dump(self.summary, handle, indent=2)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training stopped after ``nan_patience`` steps with a non-finite loss."""
+
+
+def _adapter_model(cb_params):
+    """Our AdapterModel inside the train network (train wrapper -> PetModel -> AdapterModel)."""
+    from mindformers_lora_ext.tuners.model import AdapterModel  # pylint: disable=import-outside-toplevel
+    for _, cell in cb_params.train_network.cells_and_names():
+        if isinstance(cell, AdapterModel):
+            return cell
+    raise TypeError("AdapterCheckpoint needs a model built by one of mindformers-lora-ext's pet "
+                    "types (model.model_config.pet_config.pet_type); none found in the train network")
+
+
+def _loss_of(cb_params) -> float:
+    outputs = cb_params.net_outputs
+    loss = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+    return float(np.asarray(loss.asnumpy(), np.float64).mean())
+
+
+class AdapterCheckpoint(Callback):
+    """Saves only the adapter, in HF PEFT's layout, to ``<output_dir>/step_<N>/``.
+
+    Args:
+        save_steps (int): save every this many global steps (and at train end).
+        output_dir (str, optional): default ``<MindFormers output root>/adapters``.
+        keep_last (int, optional): keep only the newest this many step directories; older ones
+            are deleted after the new one and ``latest`` are on disk.
+        resume (bool): before training, load the newest adapter under ``output_dir`` (and its
+            optimizer state, if saved) and continue the step count from it.
+        nan_patience (int, optional): stop after this many consecutive steps whose loss is not
+            finite; nothing is saved from such steps, and training ends with
+            :class:`TrainingDivergedError` (so the process exits non-zero).
+        merge_on_end (bool): also write ``<output_dir>/merged/model.safetensors``, the full
+            network with the adapter merged (a plain base-model checkpoint).
+        save_optimizer (bool): also save the adapter's optimizer state (``optimizer.safetensors``,
+            not part of PEFT's format) so ``resume`` continues the same trajectory.
+
+    Only rank 0 writes; every rank loads on resume.
+    """
+
+    def __init__(self, save_steps: int = 100, output_dir: Optional[str] = None,
+                 keep_last: Optional[int] = None, resume: bool = False,
+                 nan_patience: Optional[int] = None, merge_on_end: bool = False,
+                 save_optimizer: bool = True):
+        super().__init__()
+        for name, value, low in (("save_steps", save_steps, 1), ("keep_last", keep_last, 1),
+                                 ("nan_patience", nan_patience, 1)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ValueError(f"AdapterCheckpoint {name} = {value!r}: expected an integer >= {low}"
+                                 + ("" if name == "save_steps" else " or null"))
+        self.save_steps = save_steps
+        self.output_dir = output_dir
+        self.keep_last = keep_last
+        self.resume = bool(resume)
+        self.nan_patience = nan_patience
+        self.merge_on_end = bool(merge_on_end)
+        self.save_optimizer = bool(save_optimizer)
+        self.step_offset = 0
+        self.last_saved: Optional[int] = None
+        self._bad_steps = 0
+        self._diverged = False
+        self._model = None
+        self._optimizer = None
+
+    # -- paths and ranks
+    def root(self) -> str:
+        if self.output_dir:
+            return os.path.abspath(self.output_dir)
+        from mindformers.tools.utils import get_output_root_path  # pylint: disable=import-outside-toplevel
+        return os.path.join(get_output_root_path(), "adapters")
+
+    @staticmethod
+    def _is_writer() -> bool:
+        from mindformers.tools.utils import get_real_rank  # pylint: disable=import-outside-toplevel
+        return get_real_rank() == 0
+
+    # -- optimizer state of the adapter parameters
+    def _optimizer_state(self) -> Dict[str, object]:
+        if self._optimizer is None:
+            return {}
+        # Everything the optimizer owns besides the model's weights: moments of the (adapter)
+        # parameters it updates, step counters, beta powers.
+        model_params = {id(p) for p in self._model.get_parameters()}
+        return {p.name: p for p in self._optimizer.get_parameters() if id(p) not in model_params}
+
+    def on_train_begin(self, run_context):
+        cb_params = run_context.original_args()
+        self._model = _adapter_model(cb_params)
+        self._optimizer = getattr(cb_params, "optimizer", None) or getattr(cb_params.train_network, "optimizer", None)
+        from mindformers_lora_ext import adapter_files  # pylint: disable=import-outside-toplevel
+        root = self.root()
+        if self._is_writer():
+            adapter_files.clean_stale(root)
+        if self.resume and adapter_files.step_dirs(root):
+            self._resume(root)
+        elif self.resume:
+            print(f"[mindformers-lora-ext] AdapterCheckpoint: resume requested, no adapter under "
+                  f"{root} yet: starting fresh", flush=True)
+
+    def _resume(self, root):
+        # pylint: disable=import-outside-toplevel
+        from safetensors.numpy import load_file
+        from mindformers_lora_ext import adapter_files
+        from mindformers_lora_ext.peft_format import load_adapter
+        directory = load_adapter(self._model, root)
+        self.step_offset = self.last_saved = int(adapter_files.STEP_DIR.fullmatch(
+            os.path.basename(directory)).group(1))
+        opt_file = os.path.join(directory, OPTIMIZER_NAME)
+        restored = 0
+        if os.path.isfile(opt_file):
+            values = load_file(opt_file)
+            for name, param in self._optimizer_state().items():
+                if name in values:
+                    param.set_data(Tensor(values[name], param.dtype))
+                    restored += 1
+        print(f"[mindformers-lora-ext] AdapterCheckpoint: resumed from {directory} (step "
+              f"{self.step_offset}, {restored} optimizer tensors)", flush=True)
+
+    def on_train_step_end(self, run_context):
+        cb_params = run_context.original_args()
+        step = self.step_offset + cb_params.cur_step_num
+        if not math.isfinite(_loss_of(cb_params)):
+            self._bad_steps += 1
+            if self.nan_patience and self._bad_steps >= self.nan_patience:
+                self._diverged = True
+                run_context.request_stop()
+            return
+        self._bad_steps = 0
+        if step % self.save_steps == 0:
+            self.save(step)
+
+    def on_train_end(self, run_context):
+        cb_params = run_context.original_args()
+        if self._diverged:
+            kept = (f"the last good adapter is step_{self.last_saved} under {self.root()}"
+                    if self.last_saved is not None else "no adapter was saved")
+            raise TrainingDivergedError(
+                f"loss was not finite for {self.nan_patience} consecutive steps (last step "
+                f"{self.step_offset + cb_params.cur_step_num}); training stopped, {kept}")
+        step = self.step_offset + cb_params.cur_step_num
+        if self._bad_steps == 0 and self.last_saved != step:
+            self.save(step)
+        if self.merge_on_end and self._is_writer():
+            self.write_merged(os.path.join(self.root(), "merged", "model.safetensors"))
+
+    def save(self, step: int) -> Optional[str]:
+        """Write ``step_<step>`` (rank 0), then ``latest``, then prune; returns the directory."""
+        self.last_saved = step
+        if not self._is_writer():
+            return None
+        # pylint: disable=import-outside-toplevel
+        from safetensors.numpy import save_file
+        from mindformers_lora_ext import adapter_files
+        from mindformers_lora_ext.peft_format import save_adapter
+        root = self.root()
+        state = {n: p.asnumpy() for n, p in self._optimizer_state().items()} if self.save_optimizer else {}
+
+        def extra(tmp):
+            if state:
+                save_file(state, os.path.join(tmp, OPTIMIZER_NAME))
+
+        directory = save_adapter(self._model, os.path.join(root, f"step_{step}"), extra)
+        adapter_files.write_text_atomic(os.path.join(root, adapter_files.LATEST), f"step_{step}\n")
+        if self.keep_last:
+            adapter_files.prune(root, self.keep_last)
+        print(f"[mindformers-lora-ext] saved adapter {directory}: {self._stats()}", flush=True)
+        return directory
+
+    def _stats(self) -> str:
+        from mindformers_lora_ext.tuners.targeting import layer_index  # pylint: disable=import-outside-toplevel
+        groups: Dict[str, float] = {}
+        count = 0
+        for param in self._model.saved_parameters():
+            data = param.asnumpy().astype(np.float64)
+            index = layer_index(param.name)
+            key = f"L{index}" if index is not None else param.name.rsplit(".", 1)[0]
+            groups[key] = groups.get(key, 0.0) + float((data * data).sum())
+            count += data.size
+        norms = " ".join(f"{k}={math.sqrt(v):.4g}" for k, v in groups.items())
+        return f"{count} params; adapter norm per layer: {norms}"
+
+    def write_merged(self, path: str) -> str:
+        """The whole network with the adapter merged, as a MindSpore safetensors checkpoint."""
+        # pylint: disable=import-outside-toplevel
+        from mindformers_lora_ext.merge import is_adapter_tensor, merged_values, save_mindspore_checkpoint
+        params = {p.name: p for p in self._model.get_parameters()}
+        adapter = {n: param_array(p) for n, p in params.items() if is_adapter_tensor(n)}
+        merged = merged_values(lambda n: param_array(params[n]) if n in params else None, adapter,
+                               self._model.config.pet_config, "network")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_mindspore_checkpoint(((n, merged[n] if n in merged else param_array(p))
+                                   for n, p in params.items() if not is_adapter_tensor(n)), path)
+        print(f"[mindformers-lora-ext] wrote merged checkpoint {path}", flush=True)
+        return path

@@ -1,5 +1,6 @@
 """The ``mindformers-lora`` command."""
 import argparse
+import os
 import sys
 
 
@@ -25,6 +26,115 @@ def _cmd_demo(args) -> int:
     return 0 if summary["last_loss"] < summary["first_loss"] and not summary["changed_frozen"] else 1
 
 
+def _pet_config(pet: dict):
+    """Our config object for a pet_config mapping (plugins must be loaded)."""
+    import mindformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    from mindformers_lora_ext import registry  # pylint: disable=import-outside-toplevel
+    registry.load_plugins()
+    config_cls = registry.pet_type_config_class(pet.get("pet_type"))
+    if config_cls is None:
+        raise SystemExit(f"pet_type {pet.get('pet_type')!r} is not one of ours: {registry.registered('pet_type')}")
+    return config_cls.from_pet_config(pet)
+
+
+def _cmd_export(args) -> int:
+    # pylint: disable=import-outside-toplevel
+    import shutil
+    from mindformers_lora_ext import adapter_files, peft_format
+    if os.path.isdir(args.adapter):  # one of our adapter dirs (already PEFT's layout): a clean copy
+        source = adapter_files.resolve_adapter_dir(args.adapter)
+        config, tensors = adapter_files.read_adapter_dir(source)
+        adapter_files.write_adapter_dir(args.out, tensors, config)
+        print(f"exported {source} -> {args.out} ({len(tensors)} tensors)")
+        return 0
+    if not args.config:
+        raise SystemExit("export of a MindSpore checkpoint needs --config: the run's YAML (its pet_config)")
+    import mindspore as ms
+    from mindformers.tools.register import MindFormerConfig
+    from mindformers_lora_ext.merge import is_adapter_tensor
+    from mindformers_lora_ext.tuners.base_layer import param_array
+    pet = _pet_config(dict(MindFormerConfig(args.config).model.model_config.pet_config))
+    fmt = "safetensors" if args.adapter.endswith(".safetensors") else "ckpt"
+    saved = tuple(pet.modules_to_save or ())
+    arrays = {}
+    for name, param in ms.load_checkpoint(args.adapter, format=fmt).items():
+        cell = name.rsplit(".", 1)[0]
+        if (is_adapter_tensor(name) and not name.endswith(".lora_active")) or \
+                any(cell == m or cell.endswith("." + m) for m in saved):
+            arrays[name] = param_array(param)
+    cells = sorted({n.rsplit(".", 1)[0] for n in arrays if n.endswith(".lora_A")})
+    if not cells:
+        raise SystemExit(f"{args.adapter}: no '<cell>.lora_A' tensor: not a LoRA-family checkpoint")
+    adapter_files.write_adapter_dir(args.out, peft_format.to_peft_tensors(arrays),
+                                    peft_format.peft_config_dict(pet, cells))
+    print(f"exported {len(cells)} adapted cells ({len(arrays)} tensors) from {args.adapter} -> {args.out}")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    # pylint: disable=import-outside-toplevel
+    import yaml
+    from mindformers_lora_ext import adapter_files, peft_format
+    from mindformers_lora_ext.merge import save_mindspore_checkpoint
+    directory = adapter_files.resolve_adapter_dir(args.peft)
+    config, tensors = adapter_files.read_adapter_dir(directory)
+    pet = peft_format.pet_config_from_peft(config)
+    _pet_config(pet)  # validates
+    arrays = peft_format.from_peft_tensors(tensors)
+    save_mindspore_checkpoint(sorted(arrays.items()), args.out)
+    print(f"imported {directory} -> {args.out} ({len(arrays)} tensors, MindFormers names). Its pet_config:")
+    print(yaml.safe_dump({"pet_config": pet}, sort_keys=False).rstrip())
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    # pylint: disable=import-outside-toplevel
+    from tqdm import tqdm
+    from mindformers_lora_ext import adapter_files, peft_format, merge
+    directory = adapter_files.resolve_adapter_dir(args.adapter)
+    config, tensors = adapter_files.read_adapter_dir(directory)
+    pet = _pet_config(peft_format.pet_config_from_peft(config))
+    adapter = peft_format.from_peft_tensors(tensors)
+    if args.base.endswith(".safetensors"):
+        with tqdm(total=os.path.getsize(args.base), unit="B", unit_scale=True, desc="merge") as bar:
+            counts = merge.merge_safetensors_streaming(args.base, args.out, adapter, pet, bar.update)
+    else:
+        print("note: a .ckpt base is loaded whole; a .safetensors base is merged one tensor at a time")
+        counts = merge.merge_checkpoint(args.base, args.out, pet, adapter)
+    print(f"merged {counts['merged_cells']} cells of {directory} into {args.base} -> {args.out} "
+          f"({counts['tensors_written']} tensors)")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    # pylint: disable=import-outside-toplevel
+    import math
+    import numpy as np
+    from mindformers_lora_ext import adapter_files
+    from mindformers_lora_ext.tuners.targeting import layer_index
+    directory = adapter_files.resolve_adapter_dir(args.dir)
+    config, tensors = adapter_files.read_adapter_dir(directory)
+    print(f"adapter {directory}")
+    print(f"  type {config.get('peft_type')} (pet_type {config.get('mindformers_pet_type', '?')}), "
+          f"r {config.get('r')}, lora_alpha {config.get('lora_alpha')}, use_dora "
+          f"{config.get('use_dora')}, use_rslora {config.get('use_rslora')}, init "
+          f"{config.get('init_lora_weights')}")
+    print(f"  targets {config.get('target_modules')}; rank_pattern {config.get('rank_pattern') or {}}")
+    dtypes = sorted({str(v.dtype) for v in tensors.values()})
+    print(f"  {len(tensors)} tensors, {sum(int(v.size) for v in tensors.values())} params, dtypes {dtypes}")
+    norms = {}
+    for key, value in tensors.items():
+        index = layer_index(key)
+        group = f"layer {index}" if index is not None else key
+        norms[group] = norms.get(group, 0.0) + float(np.square(value.astype(np.float64)).sum())
+    for group, total in norms.items():
+        print(f"  norm {group}: {math.sqrt(total):.6g}")
+    extra = sorted(set(os.listdir(directory)) - {adapter_files.CONFIG_NAME, adapter_files.WEIGHTS_NAME})
+    if extra:
+        print(f"  also: {', '.join(extra)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mindformers-lora",
                                      description="LoRA-family adapters for MindFormers.")
@@ -39,12 +149,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=32, help="training steps (default 32)")
     demo.add_argument("--output-dir", default="mindformers_lora_demo", help="where data and outputs go")
     demo.set_defaults(func=_cmd_demo)
+    export = sub.add_parser("export", help="write an adapter as an HF PEFT directory")
+    export.add_argument("--adapter", required=True,
+                        help="one of our adapter dirs (or a root with 'latest'), or a MindSpore "
+                             "checkpoint of a LoRA-family run (.ckpt/.safetensors; needs --config)")
+    export.add_argument("--to", choices=["peft"], default="peft", help="target format")
+    export.add_argument("--config", help="the run's YAML, for a checkpoint --adapter")
+    export.add_argument("out", help="output directory")
+    export.set_defaults(func=_cmd_export)
+    imp = sub.add_parser("import", help="HF PEFT LoRA directory -> MindSpore checkpoint (our names)")
+    imp.add_argument("--peft", required=True, help="PEFT adapter directory")
+    imp.add_argument("out", help="output checkpoint (.safetensors or .ckpt)")
+    imp.set_defaults(func=_cmd_import)
+    merge = sub.add_parser("merge", help="fold an adapter into a base checkpoint")
+    merge.add_argument("--base", required=True, help="base checkpoint (.safetensors: streamed; .ckpt)")
+    merge.add_argument("--adapter", required=True, help="adapter directory (ours or HF PEFT's)")
+    merge.add_argument("--out", required=True, help="merged checkpoint, same format as --base")
+    merge.set_defaults(func=_cmd_merge)
+    inspect = sub.add_parser("inspect", help="describe an adapter directory")
+    inspect.add_argument("dir", help="adapter directory, or a root with 'latest'")
+    inspect.set_defaults(func=_cmd_inspect)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from mindformers_lora_ext.adapter_files import AdapterFileError  # pylint: disable=import-outside-toplevel
+    try:
+        return args.func(args)
+    except (AdapterFileError, ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"mindformers-lora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class AdapterConfig(PetConfig):
         "compute_dtype": None,
         "freeze_include": None,
         "freeze_exclude": None,
+        "adapter_path": None,
     }
 
     def __init__(self, **kwargs):
@@ -171,6 +172,7 @@ class AdapterConfig(PetConfig):
                 _check_choice(name, values[name], DTYPES)
         for name in ("freeze_include", "freeze_exclude"):
             values[name] = _check_name_list(name, values[name])
+        values["adapter_path"] = _check_adapter_path(values["adapter_path"])
         # PetModel freezes by globs before we recompute the trainable set exactly; giving it
         # our adapter globs keeps its result right too (and mcore models need a non-empty list).
         exclude = values["freeze_exclude"] or []
@@ -180,6 +182,21 @@ class AdapterConfig(PetConfig):
     def adapter_globs(self) -> List[str]:
         """Name globs of the adapter parameters, for mindpet's glob-based freezing."""
         return [f"*.{param}" for param in self.ADAPTER_PARAMETERS]
+
+
+def _check_adapter_path(value):
+    """An adapter directory (or a checkpoint root holding ``latest`` / ``step_<N>``)."""
+    if value is None or value == "":
+        return None
+    from mindformers_lora_ext.adapter_files import (  # pylint: disable=import-outside-toplevel
+        AdapterFileError, resolve_adapter_dir)
+    if not isinstance(value, str):
+        raise PetConfigError(f"{_key('adapter_path')} = {value!r}: expected a directory path")
+    try:
+        resolve_adapter_dir(value)
+    except (AdapterFileError, OSError) as exc:
+        raise PetConfigError(f"{_key('adapter_path')} = {value!r}: {exc}") from exc
+    return value
 
 
 def _check_pattern(name, value):

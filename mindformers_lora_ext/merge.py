@@ -1,92 +1,165 @@
-"""Fold LoRA-family adapters into a MindSpore checkpoint, giving a plain base-model checkpoint.
+"""Fold LoRA-family adapters into base weights, giving plain base-model checkpoints.
 
-The input is a checkpoint MindFormers saved for one of our LoRA pet types (base weights plus
-``<cell>.lora_A``/``.lora_B``/... parameters), or a base checkpoint plus separate adapter
-tensors. Each adapted ``<cell>.weight`` is replaced by its merged value (the variant's merge
-math in tuners/lora.py) and the adapter parameters are dropped. For PiSSA/OLoRA the base
+Each adapted ``<cell>.weight`` (and ``<cell>.bias`` with ``lora_bias``) gets its merged value
+from the variant's merge math in tuners/lora.py; adapter tensors are dropped. Sources:
+a checkpoint MindFormers saved for a LoRA-family run (base + ``<cell>.lora_A`` ...), or a base
+checkpoint plus adapter tensors (e.g. a PEFT adapter directory). For PiSSA/OLoRA the base
 weights must be the residual ones saved with the adapter, not the original model.
 """
+import json
 import os
-from typing import Dict, Optional
+import struct
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
+from safetensors import safe_open
 
-from mindformers_lora_ext.tuners.base_layer import to_numpy
+from mindformers_lora_ext.tuners.base_layer import param_array
 from mindformers_lora_ext.tuners.lora import merged_weight
 from mindformers_lora_ext import _boot
 
 ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_active")
 
 
+def is_adapter_tensor(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ADAPTER_SUFFIXES
+
+
+def adapter_cells(tensors: Dict[str, np.ndarray]) -> list:
+    """Cells with an adapter in ``tensors`` (by ``<cell>.lora_A``), minus ones saved merged."""
+    cells = []
+    for name in sorted(tensors):
+        if name.endswith(".lora_A"):
+            cell = name[: -len(".lora_A")]
+            active = tensors.get(f"{cell}.lora_active")
+            if active is None or float(np.asarray(active, np.float64)) != 0.0:
+                cells.append(cell)
+    return cells
+
+
+def merge_cell(cell: str, weight: np.ndarray, bias: Optional[np.ndarray],
+               tensors: Dict[str, np.ndarray], pet_config) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(merged weight, merged bias or None) for ``cell``, in the inputs' dtypes and layout.
+
+    ``weight`` is [out, in] (MindFormers' default) or [in, out]; told apart by the adapter's
+    shapes (a square weight is taken as [out, in]).
+    """
+    spec = pet_config.module_options(cell)
+    arrays = {name.rsplit(".", 1)[-1]: np.asarray(value, np.float64) for name, value in tensors.items()
+              if name.rsplit(".", 1)[0] == cell}
+    out_dim, in_dim = arrays["lora_B"].shape[0], arrays["lora_A"].shape[1]
+    if arrays["lora_A"].shape[0] != spec.rank:
+        raise ValueError(f"{cell}.lora_A has rank {arrays['lora_A'].shape[0]} but the pet_config "
+                         f"gives rank {spec.rank} for {cell}: wrong config for this adapter?")
+    if weight.shape == (out_dim, in_dim):
+        transposed = False
+    elif weight.shape == (in_dim, out_dim):
+        transposed = True
+    else:
+        raise ValueError(f"{cell}.weight has shape {weight.shape}; adapter expects ({out_dim}, "
+                         f"{in_dim}) from lora_B {arrays['lora_B'].shape} and lora_A {arrays['lora_A'].shape}")
+    w64 = weight.astype(np.float64)
+    folded = merged_weight(w64.T if transposed else w64, arrays, spec.scaling, pet_config.use_dora)
+    new_weight = (folded.T if transposed else folded).astype(weight.dtype)
+    if "lora_B_bias" not in arrays:
+        return new_weight, None
+    if bias is None:
+        raise KeyError(f"{cell}.lora_B_bias needs a base bias {cell}.bias to merge into")
+    return new_weight, (bias.astype(np.float64) + spec.scaling * arrays["lora_B_bias"]).astype(bias.dtype)
+
+
+def merged_values(get: Callable[[str], Optional[np.ndarray]], tensors: Dict[str, np.ndarray],
+                  pet_config, source: str) -> Dict[str, np.ndarray]:
+    """Base tensor name -> merged value for every adapted cell; ``get(name)`` reads a base tensor."""
+    cells = adapter_cells(tensors)
+    if not cells and not any(n.endswith(".lora_A") for n in tensors):
+        raise ValueError(f"{source}: no '<cell>.lora_A' tensor found; nothing to merge")
+    out = {}
+    for cell in cells:
+        weight = get(f"{cell}.weight")
+        if weight is None:
+            raise KeyError(f"{source} has no base weight {cell}.weight for adapter {cell}.lora_A")
+        new_weight, new_bias = merge_cell(cell, weight, get(f"{cell}.bias"), tensors, pet_config)
+        out[f"{cell}.weight"] = new_weight
+        if new_bias is not None:
+            out[f"{cell}.bias"] = new_bias
+    return out
+
+
 def _format(path):
     return "safetensors" if path.endswith(".safetensors") else "ckpt"
 
 
-def merge_checkpoint(src: str, out: str, pet_config,
-                     adapter: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, int]:
-    """Write ``out`` = checkpoint ``src`` with its LoRA adapters merged; returns counts.
-
-    ``pet_config``: our LoRA-family config object (gives each cell's scaling and variant).
-    ``adapter``: adapter tensors by parameter name (``<cell>.lora_A`` ...); default: the ones
-    in ``src``. ``.ckpt`` and ``.safetensors`` are chosen by file extension. ``out`` is
-    written to a temporary name and renamed, so a failure never leaves a partial file.
-    """
-    params = ms.load_checkpoint(src, format=_format(src))
-    tensors = {name: to_numpy(p) for name, p in params.items()
-               if name.rsplit(".", 1)[-1] in ADAPTER_SUFFIXES}
-    tensors.update(adapter or {})
-    cells = sorted(name[: -len(".lora_A")] for name in tensors if name.endswith(".lora_A"))
-    if not cells:
-        raise ValueError(f"{src}: no '<cell>.lora_A' tensor found; nothing to merge")
-    merged = 0
-    for cell in cells:
-        if f"{cell}.weight" not in params:
-            raise KeyError(f"{src} has no base weight {cell}.weight for adapter {cell}.lora_A")
-        active = tensors.get(f"{cell}.lora_active")
-        if active is not None and float(active) == 0.0:
-            continue  # saved after merge(): the weight already holds the adapter
-        _merge_cell(params, tensors, cell, pet_config.module_options(cell), pet_config.use_dora)
-        merged += 1
-    kept = [{"name": name, "data": p} for name, p in params.items()
-            if name.rsplit(".", 1)[-1] not in ADAPTER_SUFFIXES]
+def save_mindspore_checkpoint(items: Iterable[Tuple[str, np.ndarray]], out: str) -> None:
+    """Write (name, array) pairs as a MindSpore checkpoint (format by extension), atomically."""
     fmt = _format(out)
+    data = [{"name": name, "data": ms.Tensor(value)} for name, value in items]
     # MindSpore appends the format's extension to a name without it: keep it at the end.
     tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.{os.getpid()}.{fmt}")
     try:
-        ms.save_checkpoint(kept, tmp, format=fmt)
+        ms.save_checkpoint(data, tmp, format=fmt)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return {"merged_cells": merged, "tensors_written": len(kept)}
 
 
-def _merge_cell(params, tensors, cell, spec, use_dora):
-    weight = params[f"{cell}.weight"]
-    arrays = {name.rsplit(".", 1)[-1]: value for name, value in tensors.items()
-              if name.rsplit(".", 1)[0] == cell}
-    out_dim, in_dim = arrays["lora_B"].shape[0], arrays["lora_A"].shape[1]
-    data = to_numpy(weight)
-    if data.shape == (out_dim, in_dim):  # MindFormers Linear/Dense default: [out, in]
-        transposed = False
-    elif data.shape == (in_dim, out_dim):
-        transposed = True
-    else:
-        raise ValueError(f"{cell}.weight has shape {data.shape}; adapter expects "
-                         f"({out_dim}, {in_dim}) from lora_B {arrays['lora_B'].shape} and "
-                         f"lora_A {arrays['lora_A'].shape}")
-    if arrays["lora_A"].shape[0] != spec.rank:
-        raise ValueError(f"{cell}.lora_A has rank {arrays['lora_A'].shape[0]} but the pet_config "
-                         f"gives rank {spec.rank} for {cell}: wrong config for this checkpoint?")
-    folded = merged_weight(data.T if transposed else data, arrays, spec.scaling, use_dora)
-    weight.set_data(ms.Tensor((folded.T if transposed else folded).astype(np.float32), weight.dtype))
-    if "lora_B_bias" in arrays:
-        bias = params.get(f"{cell}.bias")
-        if bias is None:
-            raise KeyError(f"{cell}.lora_B_bias needs a base bias {cell}.bias to merge into")
-        new_bias = to_numpy(bias) + spec.scaling * arrays["lora_B_bias"]
-        bias.set_data(ms.Tensor(new_bias.astype(np.float32), bias.dtype))
+def merge_checkpoint(src: str, out: str, pet_config,
+                     adapter: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, int]:
+    """Write ``out`` = MindSpore checkpoint ``src`` (.ckpt or .safetensors) with the adapters
+    merged and adapter tensors dropped; ``adapter`` (our parameter names) overrides the
+    adapter tensors in ``src``. Loads ``src`` whole. Returns counts."""
+    params = {name: param_array(p) for name, p in ms.load_checkpoint(src, format=_format(src)).items()}
+    tensors = {name: value for name, value in params.items() if is_adapter_tensor(name)}
+    tensors.update(adapter or {})
+    merged = merged_values(params.get, tensors, pet_config, src)
+    kept = [(name, merged.get(name, value)) for name, value in params.items() if not is_adapter_tensor(name)]
+    save_mindspore_checkpoint(kept, out)
+    return {"merged_cells": len(adapter_cells(tensors)), "tensors_written": len(kept)}
+
+
+def merge_safetensors_streaming(base: str, out: str, adapter: Dict[str, np.ndarray], pet_config,
+                                progress: Optional[Callable[[int], None]] = None) -> Dict[str, int]:
+    """Like :func:`merge_checkpoint` for a ``.safetensors`` base, one tensor in memory at a time.
+
+    Merging keeps every dtype and shape, so the output has the base's header byte for byte
+    and each tensor is copied or replaced in place. ``progress(n_bytes)`` is called per tensor.
+    """
+    with open(base, "rb") as handle:
+        header_len = struct.unpack("<Q", handle.read(8))[0]
+        header_bytes = handle.read(header_len)
+    header = json.loads(header_bytes)
+    order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    with safe_open(base, framework="np") as reader:
+        names = set(reader.keys())
+        if any(is_adapter_tensor(n) for n in names):
+            raise ValueError(f"{base} already holds adapter tensors: merge it with merge_checkpoint "
+                             f"(its own adapter), or pass a plain base checkpoint")
+        merged = merged_values(lambda n: reader.get_tensor(n) if n in names else None, adapter, pet_config, base)
+        tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.{os.getpid()}.tmp")
+        try:
+            with open(base, "rb") as src, open(tmp, "wb") as dst:
+                dst.write(struct.pack("<Q", header_len) + header_bytes)
+                start = 8 + header_len
+                for name in order:
+                    begin, end = header[name]["data_offsets"]
+                    if name in merged:
+                        blob = np.ascontiguousarray(merged[name]).tobytes()
+                        assert len(blob) == end - begin, name  # same dtype and shape by construction
+                    else:
+                        src.seek(start + begin)
+                        blob = src.read(end - begin)
+                    dst.write(blob)
+                    if progress:
+                        progress(end - begin)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return {"merged_cells": len(adapter_cells(adapter)), "tensors_written": len(order)}
 
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

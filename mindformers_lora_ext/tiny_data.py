@@ -10,10 +10,11 @@ import numpy as np
 
 
 def write_tiny_dataset(path: str, num_rows: int, seq_length: int, vocab_size: int,
-                       seed: int = 0, first_id: int = 3) -> str:
+                       seed: int = 0, first_id: int = 3, skip_rows: int = 0) -> str:
     """Write ``num_rows`` rows of ``input_ids`` and ``labels`` (int32, length seq_length + 1).
 
-    Ids 0-2 (pad, bos, eos in Llama configs) are never used. Returns ``path``.
+    Ids 0-2 (pad, bos, eos in Llama configs) are never used. ``skip_rows``: leave out the
+    first rows the same seed would give (the rest of a run, for resume tests). Returns ``path``.
     """
     from mindspore.mindrecord import FileWriter  # pylint: disable=import-outside-toplevel
 
@@ -26,7 +27,7 @@ def write_tiny_dataset(path: str, num_rows: int, seq_length: int, vocab_size: in
     writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]},
                        "labels": {"type": "int32", "shape": [-1]}}, "tiny_counting")
     rows = []
-    for start in rng.integers(0, span, size=num_rows):
+    for start in rng.integers(0, span, size=skip_rows + num_rows)[skip_rows:]:
         ids = (first_id + (start + np.arange(seq_length + 1)) % span).astype(np.int32)
         rows.append({"input_ids": ids, "labels": ids.copy()})
     writer.write_raw_data(rows)

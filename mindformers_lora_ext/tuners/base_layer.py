@@ -171,8 +171,13 @@ class AdoptedLinear(nn.Cell):
         self.weight.set_data(Tensor(np.ascontiguousarray(data, dtype=np.float32), self.weight.dtype))
 
 
-def to_numpy(param) -> np.ndarray:
-    """A Parameter/Tensor of any float dtype (bfloat16 included) as a float64 numpy array."""
+def param_array(param) -> np.ndarray:
+    """A Parameter's data as numpy in its own dtype (MindSpore's numpy bfloat16 included)."""
     if getattr(param, "has_init", False):  # built under no_init_parameters: materialise first
         param.init_data()
-    return Tensor(param).astype(mstype.float32).asnumpy().astype(np.float64)
+    return param.asnumpy()
+
+
+def to_numpy(param) -> np.ndarray:
+    """A Parameter/Tensor of any float dtype (bfloat16 included) as a float64 numpy array."""
+    return param_array(param).astype(np.float64)

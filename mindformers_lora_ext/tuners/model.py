@@ -7,9 +7,13 @@ generation/conversion hooks to it, owns the exact trainable set, and writes the 
 from fnmatch import fnmatch
 from typing import Dict, List
 
+import numpy as np
+from mindspore import Tensor
 from mindformers.models.modeling_utils import PreTrainedModel
+from mindformers.tools.logger import logger
 
 from mindformers_lora_ext.config import KEY_PREFIX
+from mindformers_lora_ext.tuners.base_layer import param_array
 from mindformers_lora_ext.tuners.targeting import find_cells, find_targets, replace_cells
 from mindformers_lora_ext import _boot
 
@@ -44,6 +48,10 @@ class AdapterModel(PreTrainedModel):
         self._adapter_layers: Dict[str, object] = layers
         self._modules_to_save: Dict[str, object] = saved
         self.network = base_model
+        if config.adapter_path:
+            from mindformers_lora_ext.peft_format import load_adapter  # pylint: disable=import-outside-toplevel
+            loaded = load_adapter(self, config.adapter_path)
+            logger.info("mindformers-lora-ext: loaded adapter %s", loaded)
 
     def make_layer(self, name, base_cell):
         raise NotImplementedError
@@ -61,6 +69,27 @@ class AdapterModel(PreTrainedModel):
         """What an adapter checkpoint holds: adapter parameters, then those of ``modules_to_save``."""
         extra = [p for cell in self._modules_to_save.values() for p in cell.get_parameters()]
         return self.adapter_parameters() + extra
+
+    def adapter_state_dict(self) -> Dict[str, np.ndarray]:
+        """Saved parameter name -> array in the parameter's own dtype (bfloat16 included)."""
+        return {p.name: param_array(p) for p in self.saved_parameters()}
+
+    def load_adapter_state_dict(self, arrays: Dict[str, np.ndarray], source: str = "adapter"):
+        """Set every saved parameter from ``arrays``; a missing, unexpected or mis-shaped
+        tensor is an error naming it, raised before anything is changed."""
+        params = {p.name: p for p in self.saved_parameters()}
+        missing = sorted(set(params) - set(arrays))
+        unexpected = sorted(set(arrays) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"{source} does not match this model: missing {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                             f"{' ...' if len(unexpected) > 5 else ''}")
+        for name, param in params.items():
+            if tuple(arrays[name].shape) != tuple(param.shape):
+                raise ValueError(f"{source}: tensor {name} has shape {tuple(arrays[name].shape)}, "
+                                 f"the model's parameter has {tuple(param.shape)}")
+        for name, param in params.items():
+            param.set_data(Tensor(np.asarray(arrays[name]), param.dtype))
 
     def apply_trainable_mask(self):
         """Exactly the saved parameters trainable, then the user's freeze globs on top.
