@@ -39,7 +39,9 @@ class TrainingSummary(Callback):
 
     Summary keys: ``trainable_params``, ``total_params`` (element counts),
     ``trainable_names``, ``losses`` (one float per step), ``first_loss``, ``last_loss``,
+    ``trainable_checksums`` (name -> [sum, sum of squares] at train end, float64), ``rank``,
     and with ``check_frozen``: ``changed_trainable``, ``changed_frozen`` (names).
+    ``{rank}`` in ``summary_file`` becomes the process's rank (one file per data-parallel worker).
     """
 
     def __init__(self, summary_file: Optional[str] = None, check_frozen: bool = False):
@@ -70,19 +72,25 @@ class TrainingSummary(Callback):
         self.summary.update(losses=self.losses,
                             first_loss=self.losses[0] if self.losses else None,
                             last_loss=self.losses[-1] if self.losses else None)
+        after = _checksums(network)
         if self.check_frozen:
-            after = _checksums(network)
             grads = {p.name: p.requires_grad for p in network.get_parameters()}
             changed = [n for n, v in after.items() if v != self._before.get(n)]
             self.summary["changed_trainable"] = [n for n in changed if grads[n]]
             self.summary["changed_frozen"] = [n for n in changed if not grads[n]]
+        from mindformers.tools.utils import get_real_rank  # pylint: disable=import-outside-toplevel
+        rank = get_real_rank()
+        self.summary["rank"] = rank
+        trainable_names = set(self.summary["trainable_names"])
+        self.summary["trainable_checksums"] = {n: list(v) for n, v in after.items() if n in trainable_names}
         total, trainable = self.summary["total_params"], self.summary["trainable_params"]
         print(f"[mindformers-lora-ext] trainable params {trainable} / {total} "
               f"({100.0 * trainable / max(total, 1):.3f}%), steps {len(self.losses)}, "
               f"loss {self.summary['first_loss']} -> {self.summary['last_loss']}", flush=True)
         if self.summary_file:
-            os.makedirs(os.path.dirname(os.path.abspath(self.summary_file)), exist_ok=True)
-            with open(self.summary_file, "w", encoding="utf-8") as handle:
+            path = self.summary_file.replace("{rank}", str(rank))
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as handle:
                 json.dump(self.summary, handle, indent=2)
 
 
