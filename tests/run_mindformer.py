@@ -33,6 +33,8 @@ if __name__ == "__main__":
     parser.add_argument("--config", required=True)
     parser.add_argument("--run_mode", default=None)
     parser.add_argument("--train_dataset_dir", default=None)
+    parser.add_argument("--eval_dataset_dir", default=None)
+    parser.add_argument("--predict_data", default=None, nargs="+")
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--load_checkpoint", default=None)
     parser.add_argument("--use_parallel", default=None, type=lambda s: s.lower() == "true")
@@ -46,6 +48,10 @@ if __name__ == "__main__":
         cfg.load_checkpoint = args.load_checkpoint
     if args.train_dataset_dir:
         cfg.train_dataset.data_loader.dataset_dir = args.train_dataset_dir
+    if args.eval_dataset_dir:
+        cfg.eval_dataset.data_loader.dataset_dir = args.eval_dataset_dir
+    if args.predict_data is not None:
+        cfg.input_data = args.predict_data
     if args.output_dir is not None:
         cfg.output_dir = args.output_dir
     main(cfg)
