@@ -1,0 +1,329 @@
+"""Training step time of stock ``lora``, our ``lora_ext`` and ``dora``, and full fine-tune,
+side by side in one run, on a legacy MindFormers Llama on CPU.
+
+For each (size, setup) a fresh interpreter (run one after another, never in parallel):
+
+* loads ``configs/tiny/lora_ext.yaml`` (the CPU recipe) as a ``MindFormerConfig``, overrides the
+  model dims and ``pet_config`` (none for ``full``);
+* builds what ``Trainer.train()`` builds, with MindFormers' own builders: ``build_parallel_config``
+  -> ``build_network(config.model, default_args)`` -> ``build_lr`` ->
+  ``get_optimizer_grouped_parameters`` (the trainable parameters only) -> ``build_optim``
+  (the YAML's AdamW) -> ``build_wrapper`` (the YAML's ``runner_wrapper``:
+  ``CpuSafeTrainOneStepCell`` with grad clipping and the overflow check). A plain
+  ``nn.TrainOneStepCell`` would leave out the clipping and the overflow check, which the
+  trainer runs on every step;
+* runs ``--warmup`` steps (the first one compiles the graph), then times ``--steps`` steps of
+  ``wrapper(input_ids, labels)`` on fixed random int32 ``[batch, seq + 1]`` inputs (legacy
+  Llama slices them to ``seq`` tokens itself), each step synchronised on its loss.
+
+Each setup runs ``--rounds`` times (fresh processes, the setups interleaved, each round starting
+one setup later); the table shows, per setup, the round with the lowest median and lists every
+round's median, since other load on the machine only ever makes a round slower. A setup whose
+round medians differ by more than NOISY (the machine was busy) is marked ``noisy``, and so is
+every ratio it enters: on a shared 2-core machine such ratios can be off by 2x. Prints the
+table (median ms/step, p10-p90, compile + first step, peak RSS) and the ratios against the
+goals (PASS/FAIL marks, not asserts). MindFormers' logs are captured; a failed setup prints its
+last lines. Default invocation: about 5-7 minutes on 2 CPU cores.
+
+MindSpore's CPU runtime runs each kernel on 2 threads here; when something else keeps one core
+busy, every such kernel waits for its second half and a step can take twice as long.
+``--threads 1`` measures single-threaded kernels instead: slower, but less disturbed.
+
+    python benchmarks/step_time.py                          # tiny and small, all four setups
+    python benchmarks/step_time.py --sizes small --steps 20 --setups lora,lora_ext --threads 1
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny", "lora_ext.yaml")
+MARK = "STEP_TIME_RESULT "
+
+SETUPS = ("lora", "lora_ext", "dora", "full")
+TARGETS = ".*wq|.*wk|.*wv|.*wo"
+RANK, ALPHA = 8, 16
+# tiny = the dims of configs/tiny/lora_ext.yaml; vocab 128 in both. small keeps batch 2: full
+# fine-tune peaks at about 2 GB RSS and 0.5 s/step on 2 cores, so batch 1 is not needed.
+SIZES = {
+    "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "seq_length": 32, "batch_size": 2},
+    "small": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "seq_length": 256, "batch_size": 2},
+}
+DEFAULT_STEPS = {"tiny": 50, "small": 15}  # timed steps when --steps is not given
+NOISY = 0.15  # round medians of one setup further apart than this (relative): the machine was busy
+# (numerator, denominator, bound): "numerator <= bound x denominator" is the goal.
+GOALS = (("lora_ext", "lora", 1.0), ("dora", "lora_ext", 1.15),
+         ("lora_ext", "full", 0.75), ("lora", "full", 0.75))
+
+
+# ----------------------------------------------------------------------------- child side
+
+def _pet_config(setup):
+    if setup == "full":
+        return None
+    # stock `lora` and ours take the same four keys here
+    return {"pet_type": setup, "lora_rank": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
+            "target_modules": TARGETS}
+
+
+def run_child(spec):
+    """Build, warm up and time one (size, setup); returns the result dict."""
+    # pylint: disable=import-outside-toplevel
+    import numpy as np
+    import mindspore as ms
+    from mindformers.core.context import build_context
+    from mindformers.core.lr import build_lr
+    from mindformers.core.optim import build_optim
+    from mindformers.core.parallel_config import build_parallel_config
+    from mindformers.models.build_model import build_network
+    from mindformers.pet import is_supported_pet_type
+    from mindformers.tools.register import MindFormerConfig
+    from mindformers.trainer.optimizer_grouped_parameters import get_optimizer_grouped_parameters
+    from mindformers.wrapper import build_wrapper
+    try:  # where newer run_mindformer.py imports it from
+        from mindformers.tools import set_output_path
+    except ImportError:  # MindFormers 1.9.0
+        from mindformers.utils.file_utils import set_output_path
+
+    setup, dims = spec["setup"], SIZES[spec["size"]]
+    config = MindFormerConfig(TINY_CONFIG)
+    config.output_dir = os.path.join(os.getcwd(), "output")
+    config.runner_config.batch_size = config.train_dataset.batch_size = dims["batch_size"]
+    model_config = config.model.model_config
+    for key, value in dims.items():
+        model_config[key] = value
+    pet_config = _pet_config(setup)
+    if pet_config is None:
+        del model_config["pet_config"]
+    else:
+        if not is_supported_pet_type(setup):
+            raise RuntimeError(f"pet_type {setup!r} is not registered: is mindformers-lora-ext installed?")
+        model_config.pet_config = MindFormerConfig(**pet_config)
+
+    # what run_mindformer.py main() and Trainer.__init__ / training_process do, in order
+    set_output_path(config.output_dir)
+    build_context(config)
+    if spec["threads"]:
+        ms.device_context.cpu.op_tuning.threads_num(spec["threads"])
+    build_parallel_config(config)
+    network = build_network(config.model, default_args={
+        "parallel_config": config.parallel_config, "moe_config": config.moe_config,
+        "dataset_config": config.train_dataset, "calculate_per_token_loss": False,
+        "batch_size": config.runner_config.batch_size})
+    network.set_train(True)
+    total_steps = spec["warmup"] + spec["steps"]
+    config.lr_schedule.total_steps = total_steps
+    lr_schedule = build_lr(config.lr_schedule)
+    group_params = get_optimizer_grouped_parameters(
+        model=network, weight_decay=config.optimizer.weight_decay, dynamic_lr_schedule=lr_schedule,
+        optimizer_type=config.optimizer.type)
+    optimizer = build_optim(config.optimizer, default_args={"params": group_params,
+                                                            "learning_rate": lr_schedule})
+    wrapper = build_wrapper(config.runner_wrapper, default_args={
+        "network": network, "optimizer": optimizer, "parallel_config": config.parallel_config,
+        "calculate_per_token_loss": False, "global_norm_spike_threshold": 1.0,
+        "print_separate_loss": True, "use_skip_data_by_global_norm": False,
+        "lr_scheduler": lr_schedule, "grouped_lr_scheduler": None})
+    wrapper.set_train(True)
+
+    inner = getattr(network, "network", network)  # PetModel keeps the adapted model in .network
+    trainable = network.trainable_params()
+    result = {
+        "size": spec["size"], "setup": setup,
+        "model": f"{type(network).__name__}/{type(inner).__name__}",
+        "wrapper": type(wrapper).__name__, "optimizer": type(optimizer).__name__,
+        "trainable": int(sum(p.size for p in trainable)),
+        "total": int(sum(p.size for p in network.get_parameters())),
+    }
+    if pet_config is not None and not trainable:
+        raise RuntimeError(f"{setup}: no trainable parameter after build_network")
+
+    rng = np.random.default_rng(0)
+    shape = (dims["batch_size"], dims["seq_length"] + 1)
+    input_ids = ms.Tensor(rng.integers(3, model_config.vocab_size, shape), ms.int32)
+    labels = ms.Tensor(rng.integers(3, model_config.vocab_size, shape), ms.int32)
+
+    times, losses, skipped = [], [], 0
+    for step in range(total_steps):
+        start = time.perf_counter()
+        out = wrapper(input_ids, labels)
+        loss = float(out[0].asnumpy().reshape(-1)[0])  # waits for the step
+        elapsed = time.perf_counter() - start
+        if step == 0:
+            result["first_step_s"] = elapsed
+        if step >= spec["warmup"]:
+            times.append(elapsed * 1e3)
+            skipped += int(bool(out[1].asnumpy()))
+        losses.append(loss)
+    times_sorted = sorted(times)
+    result.update({
+        "median_ms": statistics.median(times),
+        "p10_ms": times_sorted[int(0.1 * (len(times) - 1))],
+        "p90_ms": times_sorted[int(round(0.9 * (len(times) - 1)))],
+        "steps": len(times), "skipped": skipped,
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    })
+    return result
+
+
+# ---------------------------------------------------------------------------- parent side
+
+def run_one(size, setup, steps, warmup, threads, timeout, tail):
+    """One (size, setup) in a fresh interpreter; returns (result or None, wall s, error text)."""
+    spec = {"size": size, "setup": setup, "steps": steps, "warmup": warmup, "threads": threads}
+    workdir = tempfile.mkdtemp(prefix=f"step_time_{size}_{setup}_")  # MindFormers writes ./output
+    env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                              cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+        out, err, code = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        def text(data):
+            return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+        out, err, code = text(exc.stdout), text(exc.stderr), f"timeout after {timeout} s"
+    finally:
+        wall = time.perf_counter() - start
+        shutil.rmtree(workdir, ignore_errors=True)
+    for line in out.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):]), wall, None
+    lines = (out + "\n" + err).strip().splitlines()
+    return None, wall, f"exit {code}; last {tail} lines of its output:\n" + "\n".join(
+        "    " + line for line in lines[-tail:])
+
+
+def best_round(rounds):
+    """The round with the lowest median (None for a failed round); None if every round failed.
+    Keeps every round's median for the table."""
+    done = [r for r in rounds if r is not None]
+    if not done:
+        return None
+    best = dict(min(done, key=lambda r: r["median_ms"]))
+    medians = [r["median_ms"] for r in done]
+    best["rounds_text"] = "/".join("failed" if r is None else f"{r['median_ms']:.1f}" for r in rounds)
+    best["noisy"] = max(medians) > (1 + NOISY) * min(medians)
+    return best
+
+
+def print_table(runs):
+    """``runs``: {(size, setup): [result or None per round]} in table order."""
+    header = ("size", "setup", "trainable", "total", "compile+1st s", "median ms/step",
+              "p10-p90 ms", "round medians", "steps", "peak RSS MB", "loss first->last")
+    rows = []
+    for (size, setup), rounds in runs.items():
+        res = best_round(rounds)
+        if res is None:
+            rows.append((size, setup, "-", "-", "-", "FAILED", "-", "failed", "-", "-", "-"))
+            continue
+        note = f" ({res['skipped']} skipped)" if res["skipped"] else ""
+        rows.append((size, setup, f"{res['trainable']:,}", f"{res['total']:,}",
+                     f"{res['first_step_s']:.1f}", f"{res['median_ms']:.1f}",
+                     f"{res['p10_ms']:.1f}-{res['p90_ms']:.1f}",
+                     res["rounds_text"] + (" noisy" if res["noisy"] else ""), f"{res['steps']}{note}",
+                     f"{res['peak_rss_mb']:.0f}", f"{res['loss_first']:.3f}->{res['loss_last']:.3f}"))
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+    print(line.format(*header))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line.format(*row))
+
+
+def print_ratios(runs, sizes):
+    results = [r for r in map(best_round, runs.values()) if r is not None]
+    median = {(r["size"], r["setup"]): r["median_ms"] for r in results}
+    noisy = {(r["size"], r["setup"]) for r in results if r["noisy"]}
+    print("\nratios of median step time (goal: numerator <= bound x denominator)")
+    for size in sizes:
+        for num, den, bound in GOALS:
+            if (size, num) not in median or (size, den) not in median:
+                continue
+            ratio = median[(size, num)] / median[(size, den)]
+            mark = "PASS" if ratio <= bound else "FAIL"
+            if {(size, num), (size, den)} & noisy:
+                mark += " (noisy)"
+            print(f"  {size:<6} {num + '/' + den:<16} {ratio:6.3f}   goal <= {bound:<4}  {mark}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="tiny,small", help=f"comma list of {sorted(SIZES)}")
+    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {list(SETUPS)}")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"timed steps per setup (default: {DEFAULT_STEPS})")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first, the first compiles the graph (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="fresh processes per setup, interleaved; the table shows the round with "
+                             "the lowest median (the least disturbed by other load) (default 3)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU kernel threads (ms.device_context.cpu.op_tuning.threads_num); "
+                             "0 = MindSpore's default (default 0)")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per setup (default 600)")
+    parser.add_argument("--tail", type=int, default=25, help="output lines shown of a failed setup")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(MARK + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return 0
+
+    sizes = [s for s in args.sizes.split(",") if s]
+    setups = [s for s in args.setups.split(",") if s]
+    for name, chosen, known in (("--sizes", sizes, SIZES), ("--setups", setups, SETUPS)):
+        bad = [c for c in chosen if c not in known]
+        if bad or not chosen:
+            parser.error(f"{name}: unknown {bad or chosen}; choose from {list(known)}")
+    if args.warmup < 1 or args.rounds < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--warmup, --steps and --rounds must be >= 1 (the first warmup step compiles)")
+
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"load average at start {os.getloadavg()[0]:.2f}; rank {RANK}, alpha {ALPHA}, "
+          f"targets '{TARGETS}', warmup {args.warmup}, {args.rounds} rounds, "
+          f"CPU kernel threads {args.threads or 'MindSpore default'}")
+    for size in sizes:
+        dims = SIZES[size]
+        print(f"  {size}: hidden {dims['hidden_size']}, {dims['num_layers']} layers, "
+              f"{dims['num_heads']} heads, seq {dims['seq_length']}, batch {dims['batch_size']}, "
+              f"vocab 128, {args.steps or DEFAULT_STEPS[size]} timed steps")
+    runs = {(size, setup): [] for size in sizes for setup in setups}  # table order
+    start = time.perf_counter()
+    for size in sizes:
+        for round_no in range(args.rounds):
+            # each round starts one setup later, so a burst of other load hits a different setup
+            shift = round_no % len(setups)
+            for setup in setups[shift:] + setups[:shift]:
+                if None in runs[(size, setup)]:  # failed once: do not repeat its traceback
+                    continue
+                steps = args.steps or DEFAULT_STEPS[size]
+                res, wall, error = run_one(size, setup, steps, args.warmup, args.threads, args.timeout,
+                                           args.tail)
+                if res is None:
+                    runs[(size, setup)].append(None)
+                    print(f"\n[{size} {setup}] FAILED after {wall:.1f} s: {error}\n", flush=True)
+                    continue
+                runs[(size, setup)].append(res)
+                print(f"  [{size} {setup} round {round_no + 1}] {res['median_ms']:.1f} ms/step "
+                      f"({res['model']}, {wall:.1f} s, load {os.getloadavg()[0]:.2f})", flush=True)
+    print()
+    print_table(runs)
+    print_ratios(runs, sizes)
+    done = [r for rounds in runs.values() for r in rounds if r is not None]
+    print(f"\nwrapper {done[0]['wrapper'] if done else '?'}, optimizer "
+          f"{done[0]['optimizer'] if done else '?'}; total wall time "
+          f"{time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
+    return 1 if any(None in rounds for rounds in runs.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
