@@ -90,6 +90,8 @@ class AdapterConfig(PetConfig):
     pet_type_name: str = ""
     ADAPTER_PARAMETERS: tuple = ()
     REQUIRED: Dict[str, tuple] = {}
+    # key -> why it is not accepted / what it is spelled here (for unknown-key errors)
+    KEY_HINTS: Dict[str, str] = {}
     DEFAULTS: Dict[str, Any] = {
         "target_modules": None,
         "exclude_layers": None,
@@ -105,6 +107,10 @@ class AdapterConfig(PetConfig):
 
     def __init__(self, **kwargs):
         kwargs.pop("pet_type", None)
+        # A key of another pet type set to null counts as not given: a YAML that inherits another
+        # type's pet_config through base_config (MindFormers merges dicts and cannot delete a
+        # key) cancels the inherited keys this way (configs/tiny/vera.yaml).
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k in self.DEFAULTS}
         unknown = sorted(set(kwargs) - set(self.DEFAULTS))
         if unknown:
             raise PetConfigError(self._unknown_key_message(unknown[0]))
@@ -138,6 +144,9 @@ class AdapterConfig(PetConfig):
 
     def _unknown_key_message(self, key):
         known = sorted(set(self.DEFAULTS))
+        if key in self.KEY_HINTS:
+            return (f"{_key(key)} is not an option of pet type {self.pet_type_name!r}: "
+                    f"{self.KEY_HINTS[key]}. Accepted keys: {', '.join(known)}")
         if key in _STOCK_LORA_HINTS:
             return (f"{_key(key)} is a key of MindFormers' stock 'lora', not of "
                     f"{self.pet_type_name!r}: {_STOCK_LORA_HINTS[key]}. Remove it. "
@@ -382,5 +391,266 @@ class OloraConfig(LoraExtConfig):
 
 
 LORA_PRESETS = (LoraExtConfig, DoraConfig, RsLoraConfig, PissaConfig, OloraConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Structurally different adapters: VeRA, LoHa, LoKr (HF PEFT's VeraConfig / LoHaConfig /
+# LoKrConfig option names and meanings; PEFT's ``exclude_modules`` is ``exclude_layers`` here).
+
+_LORA_TYPES = "the LoRA pet types (lora_ext, dora, rslora, pissa, olora)"
+_COMMON_HINTS = {
+    "exclude_modules": "HF PEFT's 'exclude_modules' is spelled 'exclude_layers' here",
+    "bias": "only HF PEFT's bias='none' is supported (base biases stay frozen): drop the key",
+    "fan_in_fan_out": "not needed: the adapter reads the base cell's own weight layout",
+    "use_effective_conv2d": "only linear cells are adapted here (no Conv layers): drop the key",
+    "use_dora": f"an option of {_LORA_TYPES} only",
+    "use_rslora": f"an option of {_LORA_TYPES} only",
+    "init_lora_weights": f"an option of {_LORA_TYPES}; this method's initialisation key is 'init_weights'",
+    "lora_bias": f"an option of {_LORA_TYPES} only",
+    "lora_rank": "the rank is spelled 'r' here, as in HF PEFT",
+}
+
+
+def _check_finite(name, value):
+    if not _is_real(value) or not math.isfinite(value):
+        raise PetConfigError(f"{_key(name)} = {value!r}: expected a finite number")
+    return float(value)
+
+
+def _check_dropout(name, value):
+    return _check_real(name, value, 0, 1, high_open=True)
+
+
+def _hf_targets(adapter_names):
+    """PEFT's ``target_modules``: the (HF Llama) last name components of the adapted cells."""
+    from mindformers_lora_ext.naming import hf_module_name  # pylint: disable=import-outside-toplevel
+    return sorted({hf_module_name(n).rsplit(".", 1)[-1] for n in adapter_names})
+
+
+@dataclass(frozen=True)
+class VeraSpec:
+    """What one VeRA cell gets: rank r, input dropout, lambda_d's initial value, init scheme."""
+
+    rank: int
+    dropout: float
+    d_initial: float
+    init_weights: bool
+
+
+class VeraConfig(AdapterConfig):
+    """``pet_type: vera`` (HF PEFT's VeraConfig): h = base(x) + b * (B (d * (A dropout(x)))).
+
+    A [r, in_max] and B [out_max, r] are frozen random projections shared by every target
+    (sized to the largest target, sliced per cell), made from ``projection_prng_key``; the
+    trainable vectors are d [r] (``vera_lambda_d``, starts at ``d_initial``) and b [out]
+    (``vera_lambda_b``, starts at 0). Keys: ``r`` (default 256), ``projection_prng_key`` (int
+    >= 0, default 0), ``save_projection`` (store A and B in adapter files, default true as in
+    PEFT), ``vera_dropout`` ([0, 1)), ``d_initial`` (default 0.1), ``init_weights`` (true; false:
+    b = 1 and d ~ N(0, 1), the adapter starts non-zero), plus the targeting keys.
+    """
+
+    pet_type_name = "vera"
+    PEFT_TYPE = "VERA"
+    ADAPTER_PARAMETERS = ("vera_lambda_b", "vera_lambda_d")
+    PEFT_TENSOR_SUFFIXES = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}
+    DEFAULTS = dict(AdapterConfig.DEFAULTS, r=256, projection_prng_key=0, save_projection=True,
+                    vera_dropout=0.0, d_initial=0.1, init_weights=True)
+    KEY_HINTS = dict(_COMMON_HINTS,
+                     lora_alpha="VeRA has no alpha: its scale is learned (vera_lambda_b, vera_lambda_d)",
+                     alpha="VeRA has no alpha: its scale is learned (vera_lambda_b, vera_lambda_d)",
+                     lora_dropout="the input dropout is spelled 'vera_dropout' here, as in HF PEFT",
+                     rank_pattern="VeRA shares one rank across all targets (HF PEFT has no rank_pattern for it)",
+                     alpha_pattern="VeRA has no alpha")
+
+    def _validate(self, values):
+        values = super()._validate(values)
+        values["r"] = _check_int("r", values["r"], 1)
+        values["projection_prng_key"] = _check_int("projection_prng_key", values["projection_prng_key"], 0)
+        for name in ("save_projection", "init_weights"):
+            values[name] = _check_bool(name, values[name])
+        values["vera_dropout"] = _check_dropout("vera_dropout", values["vera_dropout"])
+        values["d_initial"] = _check_finite("d_initial", values["d_initial"])
+        return values
+
+    def module_options(self, name: str) -> VeraSpec:  # pylint: disable=unused-argument
+        """VeRA's settings are the same for every target."""
+        return VeraSpec(rank=self.r, dropout=self.vera_dropout, d_initial=self.d_initial,
+                        init_weights=self.init_weights)
+
+    def peft_fields(self, adapter_names) -> dict:
+        """The VeraConfig-specific fields of ``adapter_config.json``."""
+        return {"peft_type": self.PEFT_TYPE, "r": self.r, "target_modules": _hf_targets(adapter_names),
+                "projection_prng_key": self.projection_prng_key, "save_projection": self.save_projection,
+                "vera_dropout": self.vera_dropout, "d_initial": self.d_initial, "fan_in_fan_out": False,
+                "bias": "none", "init_weights": self.init_weights}
+
+    @classmethod
+    def pet_fields_from_peft(cls, data: dict) -> dict:
+        """Our keys for the method-specific fields of a PEFT VeraConfig dict."""
+        return {"r": data.get("r", 256), "projection_prng_key": data.get("projection_prng_key", 0),
+                "save_projection": bool(data.get("save_projection", True)),
+                "vera_dropout": data.get("vera_dropout", 0.0), "d_initial": data.get("d_initial", 0.1),
+                "init_weights": bool(data.get("init_weights", True))}
+
+
+@dataclass(frozen=True)
+class LycorisSpec:
+    """What one LoHa / LoKr cell gets (LoKr also uses the decompose fields)."""
+
+    rank: int
+    alpha: float
+    scaling: float
+    rank_dropout: float
+    module_dropout: float
+    init_weights: Union[bool, str]
+    rank_dropout_scale: bool = True
+    decompose_both: bool = False
+    decompose_factor: int = -1
+
+
+class _LycorisConfig(AdapterConfig):
+    """Keys LoHa and LoKr share (HF PEFT's LycorisConfig): ``r``, ``alpha`` (scaling alpha/r),
+    ``rank_dropout`` (training: each output row of the update kept with probability 1 - p),
+    ``module_dropout`` (training: the whole update skipped with probability p), ``init_weights``,
+    ``rank_pattern`` / ``alpha_pattern``."""
+
+    INIT_CHOICES: tuple = (True, False)
+    DEFAULTS = dict(AdapterConfig.DEFAULTS, r=8, alpha=8, rank_dropout=0.0, module_dropout=0.0,
+                    init_weights=True, rank_pattern=None, alpha_pattern=None)
+    KEY_HINTS = dict(_COMMON_HINTS,
+                     lora_alpha="alpha is spelled 'alpha' here, as in HF PEFT",
+                     lora_dropout="LyCORIS adapters have no input dropout; see 'rank_dropout' and "
+                                  "'module_dropout' (HF PEFT's names)")
+
+    def _validate(self, values):
+        values = super()._validate(values)
+        values["r"] = _check_int("r", values["r"], 1)
+        values["alpha"] = _check_alpha("alpha", values["alpha"])
+        for name in ("rank_dropout", "module_dropout"):
+            values[name] = _check_dropout(name, values[name])
+        if values["init_weights"] not in self.INIT_CHOICES or not isinstance(values["init_weights"], (bool, str)):
+            raise PetConfigError(f"{_key('init_weights')} = {values['init_weights']!r}: expected one of "
+                                 f"{[str(c).lower() if isinstance(c, bool) else c for c in self.INIT_CHOICES]}")
+        values["rank_pattern"] = _check_pattern_dict(
+            "rank_pattern", values["rank_pattern"], lambda k, v: _check_int(k, v, 1))
+        values["alpha_pattern"] = _check_pattern_dict("alpha_pattern", values["alpha_pattern"], _check_alpha)
+        return values
+
+    def _spec_fields(self, name):
+        rank = pattern_value(self.rank_pattern, name, self.r)
+        alpha = pattern_value(self.alpha_pattern, name, self.alpha)
+        return dict(rank=rank, alpha=alpha, scaling=alpha / rank, rank_dropout=self.rank_dropout,
+                    module_dropout=self.module_dropout, init_weights=self.init_weights)
+
+    def module_options(self, name: str) -> LycorisSpec:
+        """The settings of target cell ``name`` (rank_pattern / alpha_pattern applied)."""
+        return LycorisSpec(**self._spec_fields(name))
+
+    def peft_fields(self, adapter_names) -> dict:
+        """The method-specific fields of ``adapter_config.json`` (patterns resolved per module,
+        with full HF module names, as for LoRA)."""
+        from mindformers_lora_ext.naming import hf_module_name  # pylint: disable=import-outside-toplevel
+        rank_pattern, alpha_pattern = {}, {}
+        for name in adapter_names:
+            spec = self.module_options(name)
+            if spec.rank != self.r:
+                rank_pattern[hf_module_name(name)] = spec.rank
+            if spec.alpha != self.alpha:
+                alpha_pattern[hf_module_name(name)] = spec.alpha
+        return {"peft_type": self.PEFT_TYPE, "r": self.r, "alpha": self.alpha,
+                "target_modules": _hf_targets(adapter_names), "exclude_modules": None,
+                "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,
+                "use_effective_conv2d": False, "init_weights": self.init_weights,
+                "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+
+    @classmethod
+    def pet_fields_from_peft(cls, data: dict) -> dict:
+        return {"r": data.get("r", 8), "alpha": data.get("alpha", 8),
+                "rank_dropout": data.get("rank_dropout", 0.0),
+                "module_dropout": data.get("module_dropout", 0.0),
+                "init_weights": data.get("init_weights", True)}
+
+
+class LohaConfig(_LycorisConfig):
+    """``pet_type: loha`` (HF PEFT's LoHaConfig): dW = ((w1_a w1_b) * (w2_a w2_b)) * alpha / r, a
+    Hadamard product of two rank-r products; w1_a, w2_a [out, r], w1_b, w2_b [r, in]. Init
+    (``init_weights: true``): w2_b = 0, the others kaiming-uniform, so dW starts at 0; false:
+    all four random. ``rank_dropout`` rescales the kept rows by 1/mean (as PEFT's LoHa does)."""
+
+    pet_type_name = "loha"
+    PEFT_TYPE = "LOHA"
+    ADAPTER_PARAMETERS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    PEFT_TENSOR_SUFFIXES = {p: p for p in ADAPTER_PARAMETERS}
+
+
+class LokrConfig(_LycorisConfig):
+    """``pet_type: lokr`` (HF PEFT's LoKrConfig): dW = kron(w1, w2) * alpha / r.
+
+    With in = in_m * in_n and out = out_l * out_k from :func:`lokr_factorization` of each dim
+    (``decompose_factor``), w1 is [out_l, in_m] and w2 [out_k, in_n]. w2 is stored as the
+    rank-r product w2_a [out_k, r] @ w2_b [r, in_n] when r < max(out_k, in_n) / 2, else whole;
+    w1 likewise (w1_a, w1_b) only with ``decompose_both`` and r < max(out_l, in_m) / 2.
+    ``init_weights``: true (w1 / w1_a = 0, the rest kaiming-uniform), ``lycoris`` (w2 / w2_b = 0
+    instead), false (all random). ``rank_dropout_scale``: rescale the kept rows by 1/mean.
+    """
+
+    pet_type_name = "lokr"
+    PEFT_TYPE = "LOKR"
+    INIT_CHOICES = (True, False, "lycoris")
+    ADAPTER_PARAMETERS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    PEFT_TENSOR_SUFFIXES = {p: p for p in ADAPTER_PARAMETERS}
+    DEFAULTS = dict(_LycorisConfig.DEFAULTS, decompose_both=False, decompose_factor=-1,
+                    rank_dropout_scale=False)
+
+    def _validate(self, values):
+        values = super()._validate(values)
+        for name in ("decompose_both", "rank_dropout_scale"):
+            values[name] = _check_bool(name, values[name])
+        factor = values["decompose_factor"]
+        if not _is_int(factor) or (factor != -1 and factor < 1):
+            raise PetConfigError(f"{_key('decompose_factor')} = {factor!r}: expected -1 (split each "
+                                 f"dimension near its square root) or an integer >= 1")
+        values["decompose_factor"] = int(factor)
+        return values
+
+    def module_options(self, name: str) -> LycorisSpec:
+        return LycorisSpec(**self._spec_fields(name), rank_dropout_scale=self.rank_dropout_scale,
+                           decompose_both=self.decompose_both, decompose_factor=self.decompose_factor)
+
+    def peft_fields(self, adapter_names) -> dict:
+        return dict(super().peft_fields(adapter_names), decompose_both=self.decompose_both,
+                    decompose_factor=self.decompose_factor, rank_dropout_scale=self.rank_dropout_scale)
+
+    @classmethod
+    def pet_fields_from_peft(cls, data: dict) -> dict:
+        return dict(super().pet_fields_from_peft(data), decompose_both=bool(data.get("decompose_both", False)),
+                    decompose_factor=data.get("decompose_factor", -1),
+                    rank_dropout_scale=bool(data.get("rank_dropout_scale", False)))
+
+
+def lokr_factorization(dimension: int, factor: int = -1):
+    """HF PEFT's (LyCORIS') split of a dimension into (m, n), m * n = dimension, for LoKr.
+
+    ``factor`` > 0 dividing ``dimension``: (factor, dimension // factor), in that order.
+    Otherwise m walks up the divisors of ``dimension`` while m < n and (``factor`` > 0) m <=
+    ``factor``; the last pair reached is returned smaller first. With -1 that is the divisor pair
+    nearest the square root (128 -> (8, 16), 256 -> (16, 16)); a prime gives (1, dimension).
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    candidate = 2
+    while m < n and candidate <= dimension:
+        if dimension % candidate == 0:
+            if candidate > limit:
+                break
+            m, n = candidate, dimension // candidate
+        candidate += 1
+    return (n, m) if m > n else (m, n)
+
+
+# pet types that are not LoRA presets (each has its own HF PEFT peft_type)
+STRUCTURED_METHODS = (VeraConfig, LohaConfig, LokrConfig)
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

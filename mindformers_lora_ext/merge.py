@@ -1,10 +1,13 @@
-"""Fold LoRA-family adapters into base weights, giving plain base-model checkpoints.
+"""Fold adapters into base weights, giving plain base-model checkpoints.
 
 Each adapted ``<cell>.weight`` (and ``<cell>.bias`` with ``lora_bias``) gets its merged value
-from the variant's merge math in tuners/lora.py; adapter tensors are dropped. Sources:
-a checkpoint MindFormers saved for a LoRA-family run (base + ``<cell>.lora_A`` ...), or a base
+from the method's merge math (LoRA variants: tuners/lora.py; VeRA, LoHa, LoKr: the ``*Math``
+class of tuners/vera.py, loha.py, lokr.py); adapter tensors are dropped. Sources: a checkpoint
+MindFormers saved for a run with one of our pet types (base + ``<cell>.lora_A`` ...), or a base
 checkpoint plus adapter tensors (e.g. a PEFT adapter directory). For PiSSA/OLoRA the base
-weights must be the residual ones saved with the adapter, not the original model.
+weights must be the residual ones saved with the adapter, not the original model. VeRA
+projections missing from the tensors (``save_projection: false``) are regenerated from
+``projection_prng_key``.
 """
 import json
 import os
@@ -15,19 +18,51 @@ import numpy as np
 import mindspore as ms
 from safetensors import safe_open
 
+from mindformers_lora_ext.config import LohaConfig, LokrConfig, LoraExtConfig, VeraConfig
+from mindformers_lora_ext.tuners.additive import GATE
 from mindformers_lora_ext.tuners.base_layer import param_array
+from mindformers_lora_ext.tuners.loha import LohaMath
+from mindformers_lora_ext.tuners.lokr import LokrMath
 from mindformers_lora_ext.tuners.lora import merged_weight
+from mindformers_lora_ext.tuners.vera import VeraMath, vera_projections
 from mindformers_lora_ext import _boot
 
-ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_active")
+_ADDITIVE = ((VeraConfig, VeraMath), (LohaConfig, LohaMath), (LokrConfig, LokrMath))
+ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_active", GATE) \
+    + tuple(name for _, math in _ADDITIVE for name in math.CELL_PARAMS + math.SHARED_PARAMS)
 
 
 def is_adapter_tensor(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ADAPTER_SUFFIXES
 
 
-def adapter_cells(tensors: Dict[str, np.ndarray]) -> list:
-    """Cells with an adapter in ``tensors`` (by ``<cell>.lora_A``), minus ones saved merged."""
+def additive_math(pet_config):
+    """The numpy merge math (a ``DeltaMath``) of a VeRA / LoHa / LoKr config; None for the LoRA
+    family; NotImplementedError for any other pet type."""
+    for config_cls, math in _ADDITIVE:
+        if isinstance(pet_config, config_cls):
+            return math
+    if pet_config is None or isinstance(pet_config, LoraExtConfig):
+        return None
+    raise NotImplementedError(
+        f"merging adapters of pet_type {getattr(pet_config, 'pet_type', None)!r} "
+        f"({type(pet_config).__name__}) into base weights is not implemented: mindformers_lora_ext.merge "
+        f"knows the LoRA family, vera, loha and lokr")
+
+
+def _gated_off(tensors, cell, gate):
+    active = tensors.get(f"{cell}.{gate}")
+    return active is not None and float(np.asarray(active, np.float64)) == 0.0
+
+
+def adapter_cells(tensors: Dict[str, np.ndarray], pet_config=None) -> list:
+    """Cells with an adapter in ``tensors`` (by ``<cell>.lora_A``, or the method's tensors for
+    a VeRA / LoHa / LoKr ``pet_config``), minus ones saved merged."""
+    math = additive_math(pet_config)
+    if math is not None:
+        found = {name.rsplit(".", 1)[0] for name in tensors
+                 if "." in name and name.rsplit(".", 1)[1] in math.CELL_PARAMS}
+        return [cell for cell in sorted(found) if not _gated_off(tensors, cell, GATE)]
     cells = []
     for name in sorted(tensors):
         if name.endswith(".lora_A"):
@@ -69,9 +104,59 @@ def merge_cell(cell: str, weight: np.ndarray, bias: Optional[np.ndarray],
     return new_weight, (bias.astype(np.float64) + spec.scaling * arrays["lora_B_bias"]).astype(bias.dtype)
 
 
+def _oriented(cell, weight, out_dim, in_dim):
+    """Whether ``weight`` is stored [in, out] (MindFormers' ``transpose_b=False``); a square
+    weight, or one whose in-dim the adapter does not tell, is taken as [out, in] when it fits."""
+    if weight.ndim == 2 and weight.shape[0] == out_dim and in_dim in (None, weight.shape[1]):
+        return False
+    if weight.ndim == 2 and weight.shape[1] == out_dim and in_dim in (None, weight.shape[0]):
+        return True
+    raise ValueError(f"{cell}.weight has shape {weight.shape}; the adapter expects ({out_dim}, "
+                     f"{'in' if in_dim is None else in_dim})")
+
+
+def _additive_merged_values(get, tensors, pet_config, math, source):
+    cells = adapter_cells(tensors, pet_config)
+    if not cells:
+        raise ValueError(f"{source}: no '<cell>.{math.CELL_PARAMS[0]}' ({pet_config.pet_type}) adapter "
+                         f"tensor found; nothing to merge")
+    per_cell, weights = {}, {}
+    for cell in cells:
+        weight = get(f"{cell}.weight")
+        if weight is None:
+            raise KeyError(f"{source} has no base weight {cell}.weight for the {pet_config.pet_type} "
+                           f"adapter of {cell}")
+        arrays = {name.rsplit(".", 1)[-1]: np.asarray(value, np.float64) for name, value in tensors.items()
+                  if name.rsplit(".", 1)[0] == cell and name.rsplit(".", 1)[-1] in math.CELL_PARAMS}
+        transposed = _oriented(cell, weight, *math.out_in(arrays))
+        per_cell[cell], weights[cell] = arrays, (weight, transposed)
+    shared = {name: np.asarray(tensors[name], np.float64) for name in math.SHARED_PARAMS if name in tensors}
+    if math.SHARED_PARAMS and len(shared) < len(math.SHARED_PARAMS):  # VeRA saved without projections
+        dims = [w.shape[::-1] if t else w.shape for w, t in weights.values()]
+        proj_a, proj_b = vera_projections(pet_config.projection_prng_key, pet_config.r,
+                                          max(d[1] for d in dims), max(d[0] for d in dims))
+        # the model held them in its adapter dtype (float16 / bfloat16 rounding included)
+        dtype = np.asarray(tensors[f"{cells[0]}.{math.CELL_PARAMS[0]}"]).dtype
+        shared = {"vera_A": proj_a.astype(dtype).astype(np.float64),
+                  "vera_B": proj_b.astype(dtype).astype(np.float64)}
+    out = {}
+    for cell in cells:
+        weight, transposed = weights[cell]
+        w64 = weight.astype(np.float64)
+        w64 = w64.T if transposed else w64
+        spec = pet_config.module_options(cell)
+        math.check_shapes(cell, per_cell[cell], spec, w64.shape)
+        folded = math.merge(w64, dict(per_cell[cell], **shared), spec)
+        out[f"{cell}.weight"] = (folded.T if transposed else folded).astype(weight.dtype)
+    return out
+
+
 def merged_values(get: Callable[[str], Optional[np.ndarray]], tensors: Dict[str, np.ndarray],
                   pet_config, source: str) -> Dict[str, np.ndarray]:
     """Base tensor name -> merged value for every adapted cell; ``get(name)`` reads a base tensor."""
+    math = additive_math(pet_config)
+    if math is not None:
+        return _additive_merged_values(get, tensors, pet_config, math, source)
     cells = adapter_cells(tensors)
     if not cells and not any(n.endswith(".lora_A") for n in tensors):
         raise ValueError(f"{source}: no '<cell>.lora_A' tensor found; nothing to merge")
@@ -116,7 +201,7 @@ def merge_checkpoint(src: str, out: str, pet_config,
     merged = merged_values(params.get, tensors, pet_config, src)
     kept = [(name, merged.get(name, value)) for name, value in params.items() if not is_adapter_tensor(name)]
     save_mindspore_checkpoint(kept, out)
-    return {"merged_cells": len(adapter_cells(tensors)), "tensors_written": len(kept)}
+    return {"merged_cells": len(adapter_cells(tensors, pet_config)), "tensors_written": len(kept)}
 
 
 def merge_safetensors_streaming(base: str, out: str, adapter: Dict[str, np.ndarray], pet_config,
@@ -159,7 +244,7 @@ def merge_safetensors_streaming(base: str, out: str, adapter: Dict[str, np.ndarr
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    return {"merged_cells": len(adapter_cells(adapter)), "tensors_written": len(order)}
+    return {"merged_cells": len(adapter_cells(adapter, pet_config)), "tensors_written": len(order)}
 
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

@@ -39,9 +39,16 @@ def dataset(tmp_path_factory):
 
 
 TINY = {name: os.path.join(ROOT, "configs", "tiny", f"{name}.yaml")
-        for name in ("lora_ext", "dora", "rslora", "pissa", "olora", "loraplus")}
+        for name in ("lora_ext", "dora", "rslora", "pissa", "olora", "loraplus", "vera", "loha", "lokr")}
 LORA_PARAMS = 2 * 4 * 2 * 8 * 64  # layers x targets x (A + B) x rank x hidden
 DORA_PARAMS = 2 * 4 * 64          # one magnitude per output feature
+# per type: (trainable attributes of each target cell, trainable element count)
+EXPECTED = {
+    "dora": ("lora_A|lora_B|lora_magnitude_vector", LORA_PARAMS + DORA_PARAMS),
+    "vera": ("vera_lambda_b|vera_lambda_d", 2 * 4 * (256 + 64)),  # r + out per target
+    "loha": ("hada_w1_a|hada_w1_b|hada_w2_a|hada_w2_b", 2 * 4 * 2 * 8 * (64 + 64)),  # 2 r (out + in)
+    "lokr": ("lokr_w1|lokr_w2", 2 * 4 * (16 * 16 + 4 * 4)),  # decompose_factor 16: w1 16x16, w2 4x4
+}
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -55,12 +62,12 @@ def test_tiny_config_finetunes_through_stock_main(tmp_path, dataset, name):
     assert losses == pytest.approx(printed, rel=1e-5)
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.03, losses  # it learns
     adapters = sorted(summary["trainable_names"])
-    kinds = "lora_A|lora_B|lora_magnitude_vector" if name == "dora" else "lora_A|lora_B"
+    kinds, count = EXPECTED.get(name, ("lora_A|lora_B", LORA_PARAMS))
     assert adapters and all(re.fullmatch(rf"model\.layers\.\d\.attention\.w[qkvo]\.({kinds})", n)
                             for n in adapters)
     assert sorted(summary["changed_trainable"]) == adapters  # every adapter moved ...
-    assert summary["changed_frozen"] == []                    # ... and nothing else did
-    assert summary["trainable_params"] == LORA_PARAMS + (DORA_PARAMS if name == "dora" else 0)
+    assert summary["changed_frozen"] == []                    # ... and nothing else did (VeRA's
+    assert summary["trainable_params"] == count               # vera_A / vera_B included)
 
 
 def test_typo_in_pet_type_fails_before_training(tmp_path, dataset):

@@ -1,6 +1,7 @@
 """Every shipped YAML loads, validates its pet_config, and builds at a shrunken size on CPU."""
 import glob
 import os
+from fnmatch import fnmatch
 
 import pytest
 
@@ -25,4 +26,5 @@ def test_config_validates_and_builds_shrunken(path):
     for key, value in SHRINK.items():
         cfg.model.model_config[key] = value
     net = build_network(cfg.model)
-    assert net.trainable_params() and all("lora_" in p.name for p in net.trainable_params())
+    globs = config_cls.from_pet_config(pet).adapter_globs()  # e.g. *.lora_A, *.vera_lambda_b
+    assert net.trainable_params() and all(any(fnmatch(p.name, g) for g in globs) for p in net.trainable_params())

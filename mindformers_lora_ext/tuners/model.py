@@ -42,6 +42,7 @@ class AdapterModel(PreTrainedModel):
             if any(t == name or t.startswith(name + ".") or name.startswith(t + ".") for t in targets):
                 raise ValueError(f"{KEY_PREFIX}.modules_to_save cell {name!r} overlaps an adapter "
                                  f"target; a cell is either adapted or fully trained")
+        self.prepare_targets(base_model, targets)
         layers = replace_cells(base_model, targets, self.make_layer)
         for name, layer in layers.items():
             layer.name_parameters(name)
@@ -52,6 +53,10 @@ class AdapterModel(PreTrainedModel):
             from mindformers_lora_ext.peft_format import load_adapter  # pylint: disable=import-outside-toplevel
             loaded = load_adapter(self, config.adapter_path)
             logger.info("mindformers-lora-ext: loaded adapter %s", loaded)
+
+    def prepare_targets(self, base_model, targets: List[str]):
+        """Called once with the target cell names before any is replaced (VeRA sizes its shared
+        projections here); nothing by default."""
 
     def make_layer(self, name, base_cell):
         raise NotImplementedError
@@ -66,18 +71,28 @@ class AdapterModel(PreTrainedModel):
         return [p for layer in self._adapter_layers.values() for p in layer.adapter_parameters()]
 
     def saved_parameters(self) -> list:
-        """What an adapter checkpoint holds: adapter parameters, then those of ``modules_to_save``."""
+        """The trained parameters: adapter parameters, then those of ``modules_to_save`` (an adapter
+        checkpoint holds these, plus :meth:`frozen_saved_parameters`)."""
         extra = [p for cell in self._modules_to_save.values() for p in cell.get_parameters()]
         return self.adapter_parameters() + extra
 
+    def frozen_saved_parameters(self) -> list:
+        """Frozen tensors that adapter files also hold (VeRA's projections with
+        ``save_projection``); none by default. They are never made trainable."""
+        return []
+
+    def file_parameters(self) -> list:
+        """What an adapter file holds: ``saved_parameters()`` + ``frozen_saved_parameters()``."""
+        return self.saved_parameters() + self.frozen_saved_parameters()
+
     def adapter_state_dict(self) -> Dict[str, np.ndarray]:
         """Saved parameter name -> array in the parameter's own dtype (bfloat16 included)."""
-        return {p.name: param_array(p) for p in self.saved_parameters()}
+        return {p.name: param_array(p) for p in self.file_parameters()}
 
     def load_adapter_state_dict(self, arrays: Dict[str, np.ndarray], source: str = "adapter"):
         """Set every saved parameter from ``arrays``; a missing, unexpected or mis-shaped
         tensor is an error naming it, raised before anything is changed."""
-        params = {p.name: p for p in self.saved_parameters()}
+        params = {p.name: p for p in self.file_parameters()}
         missing = sorted(set(params) - set(arrays))
         unexpected = sorted(set(arrays) - set(params))
         if missing or unexpected:
