@@ -289,3 +289,76 @@ class AdapterCheckpoint(Callback):
                                    for n, p in params.items() if not is_adapter_tensor(n)), path)
         print(f"[mindformers-lora-ext] wrote merged checkpoint {path}", flush=True)
         return path
+
+
+class AdaLoraRankAllocator(Callback):
+    """AdaLoRA's rank budget (``pet_type: adalora``), as HF PEFT's ``update_and_allocate``.
+
+    Every step before ``total_step - tfinal`` it updates the smoothed sensitivities from the
+    adapter parameters and their gradients (tapped by ``CpuSafeTrainOneStepCell``); on
+    schedule it zeroes the lambda entries of the least important triplets so that the kept
+    total follows the cubic budget from ``init_r``·n down to ``target_r``·n; at
+    ``total_step - tfinal`` it fixes the final mask, stores it as the config's
+    ``rank_pattern`` (saved in adapter files) and keeps applying it afterwards.
+
+    Args:
+        log_every (int, optional): print the current budget and kept rank every this many steps.
+    """
+
+    def __init__(self, log_every: Optional[int] = None):
+        super().__init__()
+        self.log_every = log_every
+        self.allocator = None
+        self.history: List[tuple] = []  # (step, budget, kept) at every masking step
+        self._model = None
+        self._wrapper = None
+        self._final: Optional[Dict[str, List[bool]]] = None
+
+    def on_train_begin(self, run_context):
+        # pylint: disable=import-outside-toplevel
+        from mindformers_lora_ext.tuners.adalora import AdaLoraModel, RankAllocator
+        cb_params = run_context.original_args()
+        self._model = _adapter_model(cb_params)
+        if not isinstance(self._model, AdaLoraModel):
+            raise TypeError("AdaLoraRankAllocator needs pet_type: adalora")
+        self._wrapper = cb_params.train_network
+        if not hasattr(self._wrapper, "tapped_gradients") or not self._wrapper.tap_index:
+            raise TypeError("AdaLoraRankAllocator needs the gradients: set runner_wrapper: "
+                            "{type: CpuSafeTrainOneStepCell} (its gradient taps feed the allocator); "
+                            f"got {type(self._wrapper).__name__}")
+        ranks = {name: layer.rank for name, layer in self._model.adalora_layers().items()}
+        self.allocator = RankAllocator(self._model.config.pet_config, ranks)
+
+    def on_train_step_end(self, run_context):
+        step = run_context.original_args().cur_step_num
+        config = self._model.config.pet_config
+        end = config.total_step - config.tfinal
+        if self._final is not None or step > end:
+            self._apply(self._final or config.rank_pattern)
+            return
+        grads = self._wrapper.tapped_gradients()
+        values = {p.name: p.asnumpy().astype(np.float64) for p in self._model.adapter_parameters()}
+        self.allocator.update_ipt(values, {n: grads[n].astype(np.float64) for n in values})
+        budget, mask_now = self.allocator.budget_schedule(step)
+        if mask_now or step == end:
+            pattern = self.allocator.mask_to_budget(budget)
+            self._apply(pattern)
+            config.rank_pattern = pattern
+            kept = sum(sum(m) for m in pattern.values())
+            self.history.append((step, budget, kept))
+            if step == end:
+                self._final = pattern
+            if self.log_every and step % self.log_every == 0:
+                print(f"[mindformers-lora-ext] AdaLoRA step {step}: budget {budget}, kept rank {kept}",
+                      flush=True)
+
+    def _apply(self, pattern):
+        if not pattern:
+            return
+        for name, layer in self._model.adalora_layers().items():
+            mask = np.asarray(pattern[name], bool)
+            if mask.size != layer.rank or mask.all():
+                continue
+            values = layer.lora_E.asnumpy()
+            values[~mask] = 0
+            layer.lora_E.set_data(Tensor(values, layer.lora_E.dtype))

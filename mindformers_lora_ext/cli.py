@@ -65,7 +65,7 @@ def _cmd_export(args) -> int:
     cells = sorted({n.rsplit(".", 1)[0] for n in arrays if n.endswith(".lora_A")})
     if not cells:
         raise SystemExit(f"{args.adapter}: no '<cell>.lora_A' tensor: not a LoRA-family checkpoint")
-    adapter_files.write_adapter_dir(args.out, peft_format.to_peft_tensors(arrays),
+    adapter_files.write_adapter_dir(args.out, peft_format.to_peft_tensors(arrays, pet),
                                     peft_format.peft_config_dict(pet, cells))
     print(f"exported {len(cells)} adapted cells ({len(arrays)} tensors) from {args.adapter} -> {args.out}")
     return 0
@@ -79,8 +79,7 @@ def _cmd_import(args) -> int:
     directory = adapter_files.resolve_adapter_dir(args.peft)
     config, tensors = adapter_files.read_adapter_dir(directory)
     pet = peft_format.pet_config_from_peft(config)
-    _pet_config(pet)  # validates
-    arrays = peft_format.from_peft_tensors(tensors)
+    arrays = peft_format.from_peft_tensors(tensors, _pet_config(pet))
     save_mindspore_checkpoint(sorted(arrays.items()), args.out)
     print(f"imported {directory} -> {args.out} ({len(arrays)} tensors, MindFormers names). Its pet_config:")
     print(yaml.safe_dump({"pet_config": pet}, sort_keys=False).rstrip())
@@ -94,7 +93,7 @@ def _cmd_merge(args) -> int:
     directory = adapter_files.resolve_adapter_dir(args.adapter)
     config, tensors = adapter_files.read_adapter_dir(directory)
     pet = _pet_config(peft_format.pet_config_from_peft(config))
-    adapter = peft_format.from_peft_tensors(tensors)
+    adapter = peft_format.from_peft_tensors(tensors, pet)
     if args.base.endswith(".safetensors"):
         with tqdm(total=os.path.getsize(args.base), unit="B", unit_scale=True, desc="merge") as bar:
             counts = merge.merge_safetensors_streaming(args.base, args.out, adapter, pet, bar.update)

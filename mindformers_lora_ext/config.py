@@ -10,6 +10,8 @@ import math
 import numbers
 import re
 from dataclasses import dataclass
+
+import numpy as np
 from typing import Any, Dict, List, Union
 
 from mindformers.pet.pet_config import PetConfig
@@ -652,5 +654,148 @@ def lokr_factorization(dimension: int, factor: int = -1):
 
 # pet types that are not LoRA presets (each has its own HF PEFT peft_type)
 STRUCTURED_METHODS = (VeraConfig, LohaConfig, LokrConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# AdaLoRA (HF PEFT's AdaLoraConfig names and meanings).
+
+@dataclass(frozen=True)
+class AdaLoraSpec:
+    """What one AdaLoRA cell gets: its current rank, input dropout, and the output scale
+    s / (init_r + 1e-5) with s = lora_alpha (init_r when lora_alpha is 0)."""
+
+    rank: int
+    dropout: float
+    scale: float
+    init_r: int = 0
+
+
+class AdaLoraConfig(AdapterConfig):
+    """``pet_type: adalora``: SVD-form LoRA with a rank budget (see tuners/adalora.py).
+
+    Keys: ``init_r`` (12), ``target_r`` (8, <= init_r), ``tinit`` (0), ``tfinal`` (0), ``deltaT``
+    (1), ``beta1`` / ``beta2`` (0.85, in [0, 1)), ``orth_reg_weight`` (0.5, >= 0), ``total_step``
+    (required: the number of training steps), ``rank_pattern`` (cell name -> list of kept
+    flags, written by the allocator; a loaded adapter is built at these ranks), ``lora_alpha``
+    (8; 0 means init_r), ``lora_dropout``, plus the targeting keys. Needs the callback
+    ``AdaLoraRankAllocator`` and ``runner_wrapper: {type: CpuSafeTrainOneStepCell}``.
+    """
+
+    pet_type_name = "adalora"
+    PEFT_TYPE = "ADALORA"
+    ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_E")
+    DEFAULTS = dict(AdapterConfig.DEFAULTS, init_r=12, target_r=8, tinit=0, tfinal=0, deltaT=1,
+                    beta1=0.85, beta2=0.85, orth_reg_weight=0.5, total_step=None, rank_pattern=None,
+                    lora_alpha=8, lora_dropout=0.0)
+    KEY_HINTS = dict(_COMMON_HINTS, r="AdaLoRA's ranks are 'init_r' (start) and 'target_r' (average at the end)",
+                     lora_rank="AdaLoRA's ranks are 'init_r' and 'target_r'")
+
+    def _validate(self, values):
+        values = super()._validate(values)
+        for name, low in (("init_r", 1), ("target_r", 1), ("tinit", 0), ("tfinal", 0), ("deltaT", 1)):
+            values[name] = _check_int(name, values[name], low)
+        if values["target_r"] > values["init_r"]:
+            raise PetConfigError(f"{_key('target_r')} = {values['target_r']} exceeds init_r = "
+                                 f"{values['init_r']}: the budget only shrinks")
+        for name in ("beta1", "beta2"):
+            values[name] = _check_real(name, values[name], 0, 1, high_open=True)
+        values["orth_reg_weight"] = _check_real("orth_reg_weight", values["orth_reg_weight"], 0, float("inf"),
+                                                high_open=True)
+        values["lora_alpha"] = _check_real("lora_alpha", values["lora_alpha"], 0, float("inf"), high_open=True)
+        values["lora_dropout"] = _check_dropout("lora_dropout", values["lora_dropout"])
+        if values["total_step"] is None:
+            raise PetConfigError(f"{_key('total_step')} is required for AdaLoRA: the number of training "
+                                 f"steps (the budget schedule ends at total_step - tfinal)")
+        values["total_step"] = _check_int("total_step", values["total_step"], 1)
+        if values["total_step"] - values["tinit"] - values["tfinal"] <= 0:
+            raise PetConfigError(
+                f"{_key('total_step')} = {values['total_step']} leaves no budgeting phase: it must exceed "
+                f"tinit + tfinal = {values['tinit'] + values['tfinal']}")
+        pattern = values["rank_pattern"]
+        if pattern is None and values["adapter_path"]:  # build cells at the saved adapter's ranks
+            from mindformers_lora_ext import adapter_files  # pylint: disable=import-outside-toplevel
+            saved, _ = adapter_files.read_adapter_dir(adapter_files.resolve_adapter_dir(values["adapter_path"]))
+            pattern = self.pet_fields_from_peft(saved).get("rank_pattern")
+        if pattern is not None:
+            ok = isinstance(pattern, dict) and all(
+                isinstance(k, str) and isinstance(v, (list, tuple)) and len(v) == values["init_r"]
+                and all(isinstance(b, bool) for b in v) for k, v in pattern.items())
+            if not ok:
+                raise PetConfigError(f"{_key('rank_pattern')}: expected cell name -> list of init_r = "
+                                     f"{values['init_r']} true/false flags, as the allocator writes it")
+            values["rank_pattern"] = {k: list(v) for k, v in pattern.items()}
+        return values
+
+    def peft_fields(self, adapter_names) -> dict:
+        """The AdaLoraConfig fields of ``adapter_config.json`` (rank_pattern keys are
+        ``<hf module>.lora_E``, as PEFT writes them)."""
+        from mindformers_lora_ext.naming import hf_module_name  # pylint: disable=import-outside-toplevel
+        return {"peft_type": self.PEFT_TYPE, "r": self.init_r, "init_r": self.init_r,
+                "target_r": self.target_r, "tinit": self.tinit, "tfinal": self.tfinal,
+                "deltaT": self.deltaT, "beta1": self.beta1, "beta2": self.beta2,
+                "orth_reg_weight": self.orth_reg_weight, "total_step": self.total_step,
+                "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                "target_modules": _hf_targets(adapter_names), "bias": "none", "fan_in_fan_out": False,
+                "rank_pattern": ({f"{hf_module_name(k)}.lora_E": v for k, v in self.rank_pattern.items()}
+                                 if self.rank_pattern else None)}
+
+    @classmethod
+    def pet_fields_from_peft(cls, data: dict) -> dict:
+        """Our keys for a PEFT AdaLoraConfig dict."""
+        from mindformers_lora_ext.naming import mf_module_name  # pylint: disable=import-outside-toplevel
+        pattern = data.get("rank_pattern")
+        if pattern:
+            pattern = {mf_module_name(k[: -len(".lora_E")] if k.endswith(".lora_E") else k): list(v)
+                       for k, v in pattern.items()}
+        fields = {k: data[k] for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                                       "orth_reg_weight", "total_step", "lora_alpha", "lora_dropout")
+                  if data.get(k) is not None}
+        return dict(fields, rank_pattern=pattern or None)
+
+    def peft_arrays_out(self, arrays):
+        """Our adapter arrays -> PEFT's ``lora_A`` / ``lora_B`` / ``lora_E`` keys: pruned triplets
+        dropped, and lambda times (kept + eps) / (init_r + eps) because PEFT rescales a reloaded,
+        pruned cell by its kept rank; so PEFT computes what we trained."""
+        from mindformers_lora_ext.naming import hf_module_name  # pylint: disable=import-outside-toplevel
+        out = {}
+        for cell, mask in self._cell_masks(arrays):
+            if mask is not None and not any(mask):
+                continue  # pruned to rank 0: no tensors (and no adapter when reloaded)
+            a, b, e = (arrays[f"{cell}.{k}"] for k in ("lora_A", "lora_B", "lora_E"))
+            if mask is not None and len(mask) == e.shape[0]:
+                keep = np.asarray(mask, bool)
+                a, b, e = a[keep], b[:, keep], e[keep]
+            if mask is not None:
+                e = (e.astype(np.float64) * ((e.shape[0] + 1e-5) / (self.init_r + 1e-5))).astype(e.dtype)
+            prefix = f"base_model.model.{hf_module_name(cell)}"
+            out.update({f"{prefix}.lora_A": a, f"{prefix}.lora_B": b, f"{prefix}.lora_E": e})
+        return out
+
+    def peft_arrays_in(self, tensors):
+        """Inverse of :meth:`peft_arrays_out` (for cells already built at their pruned ranks)."""
+        from mindformers_lora_ext.naming import mf_module_name  # pylint: disable=import-outside-toplevel
+        out = {}
+        for key, value in tensors.items():
+            if not key.startswith("base_model.model."):
+                raise ValueError(f"tensor key {key!r} is not a PEFT AdaLoRA key")
+            module, _, attr = key[len("base_model.model."):].rpartition(".")
+            cell = mf_module_name(module)
+            if attr == "lora_E" and (self.rank_pattern or {}).get(cell) is not None:
+                value = (value.astype(np.float64) * ((self.init_r + 1e-5) / (value.shape[0] + 1e-5))
+                         ).astype(value.dtype)
+            out[f"{cell}.{attr}"] = value
+        return out
+
+    def _cell_masks(self, arrays):
+        cells = sorted(n[: -len(".lora_E")] for n in arrays if n.endswith(".lora_E"))
+        return [(c, (self.rank_pattern or {}).get(c)) for c in cells]
+
+    def module_options(self, name: str) -> AdaLoraSpec:
+        """Rank of cell ``name`` (its kept triplets under ``rank_pattern``, else init_r)."""
+        mask = (self.rank_pattern or {}).get(name)
+        alpha = self.lora_alpha if self.lora_alpha > 0 else float(self.init_r)
+        return AdaLoraSpec(rank=sum(mask) if mask else self.init_r, dropout=self.lora_dropout,
+                           scale=alpha / (self.init_r + 1e-5), init_r=self.init_r)
+
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

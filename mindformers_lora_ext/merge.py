@@ -18,7 +18,8 @@ import numpy as np
 import mindspore as ms
 from safetensors import safe_open
 
-from mindformers_lora_ext.config import LohaConfig, LokrConfig, LoraExtConfig, VeraConfig
+from mindformers_lora_ext.config import AdaLoraConfig, LohaConfig, LokrConfig, LoraExtConfig, VeraConfig
+from mindformers_lora_ext.tuners.adalora import AdaLoraMath
 from mindformers_lora_ext.tuners.additive import GATE
 from mindformers_lora_ext.tuners.base_layer import param_array
 from mindformers_lora_ext.tuners.loha import LohaMath
@@ -27,7 +28,8 @@ from mindformers_lora_ext.tuners.lora import merged_weight
 from mindformers_lora_ext.tuners.vera import VeraMath, vera_projections
 from mindformers_lora_ext import _boot
 
-_ADDITIVE = ((VeraConfig, VeraMath), (LohaConfig, LohaMath), (LokrConfig, LokrMath))
+_ADDITIVE = ((VeraConfig, VeraMath), (LohaConfig, LohaMath), (LokrConfig, LokrMath),
+             (AdaLoraConfig, AdaLoraMath))
 ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_active", GATE) \
     + tuple(name for _, math in _ADDITIVE for name in math.CELL_PARAMS + math.SHARED_PARAMS)
 
@@ -47,7 +49,7 @@ def additive_math(pet_config):
     raise NotImplementedError(
         f"merging adapters of pet_type {getattr(pet_config, 'pet_type', None)!r} "
         f"({type(pet_config).__name__}) into base weights is not implemented: mindformers_lora_ext.merge "
-        f"knows the LoRA family, vera, loha and lokr")
+        f"knows the LoRA family, vera, loha, lokr and adalora")
 
 
 def _gated_off(tensors, cell, gate):

@@ -70,13 +70,24 @@ def mf_param_name(key: str) -> str:
     return mf_parameter_name(rest)
 
 
-def to_peft_tensors(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Our parameter name -> array, renamed to PEFT keys."""
+def _hook(config, name):
+    return getattr(config, name) if callable(getattr(type(config), name, None)) else None
+
+
+def to_peft_tensors(arrays: Dict[str, np.ndarray], config=None) -> Dict[str, np.ndarray]:
+    """Our parameter name -> array, renamed to PEFT keys (a config with ``peft_arrays_out``,
+    AdaLoRA's, converts its own)."""
+    hook = _hook(config, "peft_arrays_out")
+    if hook:
+        return hook(arrays)
     return {peft_key(name): value for name, value in arrays.items()}
 
 
-def from_peft_tensors(tensors: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """PEFT key -> array, renamed to our parameter names."""
+def from_peft_tensors(tensors: Dict[str, np.ndarray], config=None) -> Dict[str, np.ndarray]:
+    """PEFT key -> array, renamed to our parameter names (inverse of :func:`to_peft_tensors`)."""
+    hook = _hook(config, "peft_arrays_in")
+    if hook:
+        return hook(tensors)
     return {mf_param_name(key): value for key, value in tensors.items()}
 
 
@@ -179,7 +190,8 @@ def _structured_from_peft(data: dict, config_cls) -> dict:
 def pet_config_from_peft(data: dict) -> dict:
     """Our ``pet_config`` mapping for a PEFT config dict (ours or HF PEFT's): ``LoraConfig``,
     ``VeraConfig``, ``LoHaConfig`` or ``LoKrConfig``."""
-    by_type = {cls.PEFT_TYPE: cls for cls in _structured_methods()}
+    from mindformers_lora_ext.config import AdaLoraConfig  # pylint: disable=import-outside-toplevel
+    by_type = {cls.PEFT_TYPE: cls for cls in _structured_methods() + (AdaLoraConfig,)}
     if data.get("peft_type") in by_type:
         return _structured_from_peft(data, by_type[data["peft_type"]])
     if data.get("peft_type") != "LORA":
@@ -217,7 +229,8 @@ def pet_config_from_peft(data: dict) -> dict:
 def save_adapter(model, directory: str, extra=None) -> str:
     """Write ``model``'s adapter (an AdapterModel) to ``directory`` in PEFT's layout, atomically."""
     config = peft_config_dict(model.config.pet_config, model.adapter_names)
-    return write_adapter_dir(directory, to_peft_tensors(model.adapter_state_dict()), config, extra)
+    return write_adapter_dir(directory, to_peft_tensors(model.adapter_state_dict(), model.config.pet_config),
+                             config, extra)
 
 
 def load_adapter(model, path: str) -> str:
@@ -230,7 +243,8 @@ def load_adapter(model, path: str) -> str:
         raise AdapterFileError(f"{directory}: an HF PEFT VeRA adapter without its projections "
                                f"(saved with save_projection = false): its vera_A / vera_B come from "
                                f"torch's random generator, which is not reproduced here")
-    model.load_adapter_state_dict(from_peft_tensors(tensors), source=os.path.abspath(directory))
+    model.load_adapter_state_dict(from_peft_tensors(tensors, model.config.pet_config),
+                                  source=os.path.abspath(directory))
     return directory
 
 
