@@ -305,6 +305,7 @@ class LoraSpec:
     init: Union[bool, str]
     use_dora: bool
     lora_bias: bool
+    use_fused_kernel: Union[bool, str] = "auto"
 
 
 class LoraExtConfig(AdapterConfig):
@@ -321,7 +322,7 @@ class LoraExtConfig(AdapterConfig):
     ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
     DEFAULTS = dict(AdapterConfig.DEFAULTS, lora_rank=8, lora_alpha=16, lora_dropout=0.0,
                     use_rslora=False, use_dora=False, init_lora_weights=True, rank_pattern=None,
-                    alpha_pattern=None, lora_bias=False)
+                    alpha_pattern=None, lora_bias=False, use_fused_kernel="auto")
 
     def _validate(self, values):
         values = super()._validate(values)
@@ -336,6 +337,10 @@ class LoraExtConfig(AdapterConfig):
             "rank_pattern", values["rank_pattern"], lambda k, v: _check_int(k, v, 1))
         values["alpha_pattern"] = _check_pattern_dict("alpha_pattern", values["alpha_pattern"],
                                                       _check_alpha)
+        values["use_fused_kernel"] = _check_use_fused(values["use_fused_kernel"])
+        if values["use_fused_kernel"] is True and values["use_dora"]:
+            raise PetConfigError(f"{_key('use_fused_kernel')} = true: the fused kernel computes plain "
+                                 f"LoRA; DoRA (use_dora) runs as the MindSpore composition (use auto)")
         if values["lora_bias"] and values["use_dora"]:
             raise PetConfigError(f"{_key('lora_bias')} = true is not supported with use_dora "
                                  f"(as in HF PEFT): DoRA rescales the whole output")
@@ -352,7 +357,16 @@ class LoraExtConfig(AdapterConfig):
         scaling = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
         return LoraSpec(rank=rank, alpha=alpha, scaling=scaling, dropout=self.lora_dropout,
                         init=self.init_lora_weights, use_dora=self.use_dora,
-                        lora_bias=self.lora_bias)
+                        lora_bias=self.lora_bias, use_fused_kernel=self.use_fused_kernel)
+
+
+def _check_use_fused(value):
+    """``use_fused_kernel``: auto (default), true or false."""
+    from mindformers_lora_ext.kernels.dispatch import check_use_fused  # pylint: disable=import-outside-toplevel
+    try:
+        return check_use_fused(value)
+    except ValueError as exc:
+        raise PetConfigError(f"{_key('use_fused_kernel')} = {value!r}: expected auto, true or false") from exc
 
 
 def _check_alpha(name, value):

@@ -104,6 +104,8 @@ class AdoptedLinear(nn.Cell):
     def _common_ops(self):
         # True once merged: graphs compiled from then on skip the adapter entirely.
         self.merged = False
+        # True when a subclass computes base + delta in one fused op (fused_forward).
+        self.fused = False
         self.cast = P.Cast()
         self.transpose = P.Transpose()
         self.reshape = P.Reshape()
@@ -115,9 +117,12 @@ class AdoptedLinear(nn.Cell):
         out_shape = self.shape(x)[:-1] + (self.out_channels,)
         ori_dtype = x.dtype
         x2d = self.cast(self.reshape(x, (-1, self.in_channels)), self.compute_dtype)
-        y = self.matmul(x2d, self.cast(self.weight, self.compute_dtype))
-        if not self.merged:
-            y = y + self.delta(x2d, y)
+        if self.fused and not self.merged:
+            y = self.fused_forward(x2d)
+        else:
+            y = self.matmul(x2d, self.cast(self.weight, self.compute_dtype))
+            if not self.merged:
+                y = y + self.delta(x2d, y)
         if self.has_bias:
             y = self.bias_add(y, self.cast(self.bias, self.compute_dtype))
         if self.activation_flag:
@@ -135,6 +140,10 @@ class AdoptedLinear(nn.Cell):
             base_out = base_out - self.cast(self.bias, self.compute_dtype)
         delta = self.delta(x2d, base_out)
         return y + self.reshape(self.cast(delta, y.dtype), self.shape(y)), bias
+
+    def fused_forward(self, x2d):
+        """x2d W^T + delta in one op [N, out] (subclasses that set ``fused``)."""
+        raise NotImplementedError
 
     def delta(self, x2d, base_out):
         """The adapter's contribution for ``x2d`` [N, in], given ``base_out`` = x2d W^T [N, out]

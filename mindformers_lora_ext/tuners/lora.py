@@ -22,6 +22,7 @@ from mindformers_lora_ext.config import LoraSpec
 from mindformers_lora_ext.tuners.base_layer import AdoptedLinear, to_mstype, to_numpy
 from mindformers_lora_ext.tuners.lora_init import FromBase, lora_initializers
 from mindformers_lora_ext.tuners.model import AdapterModel
+from mindformers_lora_ext.tuners.sharding import shard_adapter
 from mindformers_lora_ext import _boot
 
 
@@ -119,6 +120,30 @@ class LoraLinear(AdoptedLinear):
         self.variant = Dora if spec.use_dora else Lora
         self.variant.init(self)
         self._merge_cache = None
+        self._setup_fused(spec)
+        shard_adapter(self, base)
+
+    def _setup_fused(self, spec):
+        """Use the fused kernel (kernels.FusedLoraMatmul) where ``use_fused_kernel`` and the
+        dispatch rule allow: plain LoRA on an unsharded [out, in] Dense/Linear weight."""
+        if spec.use_fused_kernel is False or spec.use_dora or self.parallel or not self.transpose_b \
+                or getattr(self.matmul, "in_strategy", None):
+            return
+        from mindformers_lora_ext.kernels import FusedLoraMatmul  # pylint: disable=import-outside-toplevel
+        fused = FusedLoraMatmul(self.in_channels, self.out_channels, spec.rank, spec.dropout,
+                                self.compute_dtype, use_fused=spec.use_fused_kernel)
+        if fused.fused:
+            self.fused_matmul = fused
+            self.fused = True
+
+    def fused_forward(self, x2d):
+        dtype = self.compute_dtype
+        scaling = self.active() * self.scaling
+        y = self.fused_matmul(x2d, self.cast(self.weight, dtype), self.cast(self.lora_A, dtype),
+                              self.cast(self.lora_B, dtype), scaling)
+        if self.use_lora_bias:
+            y = y + self.cast(self.lora_B_bias, dtype) * scaling
+        return y
 
     def active(self):
         """1 (adapter applied) or 0 (merged), in compute dtype."""

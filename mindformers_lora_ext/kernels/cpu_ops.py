@@ -1,0 +1,52 @@
+"""The CPU fused LoRA pair as MindSpore ``ops.Custom(func_type="aot")`` primitives.
+
+forward  (x [N, in], W [out, in], A [r, in], B [out, r], sp [2] = (s, p), seed [2] int32)
+         -> (y [N, out], h [N, r], seed_out [2]),  y = x W^T + s h B^T,  h = drop(x) A^T
+backward (dy, x, W, A, B, h, sp, seed) -> (dx [N, in], dA [r, in], dB [out, r])
+
+The bprop takes h and the seed from the forward's OUTPUTS (seed_out is a copy of seed): under
+MindSpore recompute the op producing the seed input may run again in backward (a stateful RNG
+op then yields a different seed), but the forward's outputs are the ones of the forward that
+actually ran, so the backward regenerates exactly the forward's mask.
+
+All float inputs/outputs float32, N may be dynamic (C++ infer functions + reg_info, so graph
+mode with ``set_inputs(None, ...)`` works). The forward's bprop runs the backward op; W, sp and
+seed get zero gradients (W is frozen: its gradient is a zeros_like that graph mode prunes when W
+is not a trained parameter; no x^T dy product is ever formed).
+"""
+from mindspore import ops
+from mindspore.common import dtype as mstype
+from mindspore.ops import CustomRegOp, DataType
+from mindspore.ops import functional as F
+
+FORWARD = "FusedLoraForward"
+BACKWARD = "FusedLoraBackward"
+
+
+def _reg_info(name, inputs, outputs, dtypes):
+    reg = CustomRegOp(name)
+    for index, input_name in enumerate(inputs):
+        reg = reg.input(index, input_name)
+    for index, output_name in enumerate(outputs):
+        reg = reg.output(index, output_name)
+    return reg.dtype_format(*dtypes).target("CPU").get_op_info()
+
+
+def make_cpu_ops(lib_path: str):
+    """(forward, backward) Custom primitives calling the library at ``lib_path`` (absolute)."""
+    f32, i32 = DataType.F32_Default, DataType.I32_Default
+    backward = ops.Custom(
+        f"{lib_path}:{BACKWARD}", out_shape=None, out_dtype=(mstype.float32,) * 3, func_type="aot",
+        reg_info=_reg_info("mfl_fused_lora_backward", ("dy", "x", "w", "a", "b", "h", "sp", "seed"),
+                           ("dx", "da", "db"), (f32,) * 7 + (i32,) + (f32,) * 3))
+
+    def bprop(x, weight, lora_a, lora_b, sp, seed, out, dout):
+        dx, da, db = backward(dout[0], x, weight, lora_a, lora_b, out[1], sp, out[2])
+        return dx, F.zeros_like(weight), da, db, F.zeros_like(sp), F.zeros_like(seed)
+
+    forward = ops.Custom(
+        f"{lib_path}:{FORWARD}", out_shape=None, out_dtype=(mstype.float32, mstype.float32, mstype.int32),
+        func_type="aot", bprop=bprop,
+        reg_info=_reg_info("mfl_fused_lora_forward", ("x", "w", "a", "b", "sp", "seed"), ("y", "h", "seed_out"),
+                           (f32,) * 5 + (i32,) + (f32,) * 2 + (i32,)))
+    return forward, backward
