@@ -221,19 +221,7 @@ def merged_weight(weight_oi: np.ndarray, arrays: Dict[str, np.ndarray], scaling:
 class LoraExtModel(AdapterModel):
     """``pet_type: lora_ext`` and its presets (dora, rslora, pissa, olora)."""
 
-    def make_layer(self, name, base_cell):
-        config = self.config.pet_config
-        return LoraLinear(base_cell, config.module_options(name), config.param_init_type,
-                          config.compute_dtype)
-
-    def merge(self):
-        """Fold every adapter into its base weight (forward of a compiled graph is unchanged)."""
-        for layer in self._adapter_layers.values():
-            layer.merge()
-
-    def unmerge(self):
-        for layer in self._adapter_layers.values():
-            layer.unmerge()
+    LAYER = LoraLinear
 
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

@@ -29,7 +29,7 @@ _DELEGATED = (
 class AdapterModel(PreTrainedModel):
     """Base model with adapter cells in place of its target linear cells.
 
-    Subclasses implement ``make_layer(name, base_cell) -> AdoptedLinear``.
+    Subclasses set ``LAYER`` (or override ``make_layer(name, base_cell) -> AdoptedLinear``).
     """
 
     def __init__(self, config, base_model):
@@ -58,8 +58,23 @@ class AdapterModel(PreTrainedModel):
         """Called once with the target cell names before any is replaced (VeRA sizes its shared
         projections here); nothing by default."""
 
+    LAYER = None  # the adapter cell class: LAYER(base_cell, spec, param_init_type, compute_dtype)
+
     def make_layer(self, name, base_cell):
-        raise NotImplementedError
+        """The adapter cell replacing ``base_cell`` (named ``name``)."""
+        config = self.config.pet_config
+        return self.LAYER(base_cell, config.module_options(name), config.param_init_type,
+                          config.compute_dtype)
+
+    def merge(self):
+        """Fold every adapter into its base weight (forward of a compiled graph is unchanged)."""
+        for layer in self._adapter_layers.values():
+            layer.merge()
+
+    def unmerge(self):
+        """Undo :meth:`merge` (to float rounding)."""
+        for layer in self._adapter_layers.values():
+            layer.unmerge()
 
     @property
     def adapter_names(self) -> List[str]:
