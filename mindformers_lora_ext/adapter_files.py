@@ -154,12 +154,16 @@ def clean_stale(root: str) -> None:
 
 
 def prune(root: str, keep_last: int) -> List[str]:
-    """Delete all but the newest ``keep_last`` step directories (never ``latest``'s)."""
+    """Delete all but the newest ``keep_last`` step directories (never ``latest``'s); each is
+    renamed to a temporary name before it is deleted (``clean_stale`` removes leftovers)."""
     keep = {resolve_adapter_dir(root)} if os.path.isfile(os.path.join(root, LATEST)) else set()
     steps = step_dirs(root)
     removed = []
     for _, path in steps[: max(len(steps) - keep_last, 0)]:
         if path not in keep:
-            shutil.rmtree(path)
+            # rename first (atomic), so a kill mid-delete never leaves a half-deleted step_<N>
+            doomed = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}prune-", dir=root)
+            os.rename(path, os.path.join(doomed, "d"))
+            shutil.rmtree(doomed)
             removed.append(path)
     return removed
