@@ -1,7 +1,7 @@
 """Inference forward cost: base model vs adapter model (unmerged) vs adapter model merged.
 
 One run, one process, the small Llama (hidden 512, 4 layers, seq 256, batch 2) in eval mode,
-lora_ext / dora rank 8 on wq/wk/wv/wo. "merged" calls ``merge()`` before the first forward, so
+lora_ext (fused kernel, and the composition) / dora rank 8 on wq/wk/wv/wo. "merged" calls ``merge()`` before the first forward, so
 the compiled graph skips the adapter (what a merged checkpoint served as a plain model gives).
 Prints median ms per forward and ratios to the base model.
 
@@ -43,18 +43,20 @@ def main():
     from mindformers.tools.register import MindFormerConfig  # pylint: disable=import-outside-toplevel
     from mindformers.tools.register.config import DictConfig  # pylint: disable=import-outside-toplevel
 
-    def config(pet_type=None):
+    def config(pet_type=None, **extra):
         cfg = MindFormerConfig(os.path.join(ROOT, "configs", "tiny", "lora_ext.yaml"))
         cfg.model.model_config.update(DIMS)
         if pet_type is None:
             del cfg.model.model_config["pet_config"]
         else:
             cfg.model.model_config.pet_config = DictConfig(pet_type=pet_type, lora_rank=8, lora_alpha=16,
-                                                           target_modules=".*wq|.*wk|.*wv|.*wo")
+                                                           target_modules=".*wq|.*wk|.*wv|.*wo", **extra)
         return cfg.model
 
     ids = ms.Tensor(np.random.default_rng(0).integers(3, 128, (2, DIMS["seq_length"])), ms.int32)
     rows = {"base": _median_ms(build_model(config()), ids, args.steps)}
+    rows["lora_ext composition"] = _median_ms(build_network(config("lora_ext", use_fused_kernel=False)),
+                                              ids, args.steps)
     for pet_type in ("lora_ext", "dora"):
         rows[pet_type] = _median_ms(build_network(config(pet_type)), ids, args.steps)
         merged = build_network(config(pet_type))

@@ -22,6 +22,7 @@ VARIANTS = {
     "rslora": {"use_rslora": True},
     "dora": {"use_dora": True},
     "lora_bias": {"lora_bias": True},
+    "fused": {"use_fused_kernel": True, "lora_bias": True},  # the CPU kernel (composition if [in, out])
 }
 
 
@@ -60,10 +61,13 @@ def test_forward_matches_numpy(make, variant):
     base = make()
     layer = LoraLinear(base, spec(**VARIANTS[variant]))
     assert layer.weight is base.weight  # adopted, not copied
+    assert layer.fused == (variant == "fused" and layer.transpose_b)
     arr = randomize(layer)
     x = RNG.standard_normal((2, 5, 12)).astype(np.float32)  # 3-D input
     out = layer(Tensor(x)).asnumpy()
     s = 6.0 / np.sqrt(3) if variant == "rslora" else 2.0
+    if "lora_B_bias" in arr:
+        arr["lora_B_bias"] = layer.lora_B_bias.asnumpy().astype(np.float64)
     assert layer.scaling == pytest.approx(s)
     assert out.shape == (2, 5, 10)
     np.testing.assert_allclose(out.reshape(-1, 10), reference(x.reshape(-1, 12), arr, s, variant == "dora"),
@@ -139,9 +143,12 @@ def test_data_driven_init_rejects_rank_above_dims():
 
 
 @pytest.mark.usefixtures("pynative")
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_gradients_match_numpy(use_dora):
-    layer = LoraLinear(nn.Dense(7, 5, has_bias=False), spec(lora_rank=2, lora_alpha=3.0, use_dora=use_dora))
+@pytest.mark.parametrize("use_dora,fused", [(False, False), (True, False), (False, True)],
+                         ids=["lora", "dora", "fused"])
+def test_gradients_match_numpy(use_dora, fused):
+    layer = LoraLinear(nn.Dense(7, 5, has_bias=False),
+                       spec(lora_rank=2, lora_alpha=3.0, use_dora=use_dora, use_fused_kernel=fused))
+    assert layer.fused == fused
     arr = randomize(layer)
     x = RNG.standard_normal((6, 7)).astype(np.float32)
     g = RNG.standard_normal((6, 5)).astype(np.float32)

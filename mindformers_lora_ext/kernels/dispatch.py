@@ -26,6 +26,11 @@ forward + backward of loss = sum(y * dy); times in ms, OMP_NUM_THREADS=1 for bot
   is a small N with large layers (N=512, 4096^2, p=0: step 0.88-1.01x, but the forward alone
   1.02-1.14x). It also keeps far less for backward (no dropped copy of x, no mask): 240-283 MB
   vs 736 MB over frozen Dense layers for a 4-block Llama-like stack, dropout 0.05, 2048 tokens.
+  But small layers lose: a whole small Llama (hidden 512, 4 layers, seq 256, batch 2) trained
+  1.27x slower per step with the fused op on its 512x512 q/k/v/o than with the composition, and
+  its eval forward took 1.68x the composition's (benchmarks/step_time.py, merged_forward.py).
+  So on CPU ``auto`` also needs in x out >= :data:`AUTO_MIN_WEIGHT_ELEMENTS` (1024 x 1024, the
+  smallest size measured faster above); ``True`` ignores the size.
 * CPU float16/bfloat16: composition (the CPU kernel is float32 only).
 * Ascend float32/float16/bfloat16: fused when ``kernels.ascend`` is available and builds;
   that module owns the decision (``is_available()``).
@@ -174,11 +179,19 @@ def build_backend(device: str) -> Backend:
     return result
 
 
-def resolve(use_fused="auto", dtype=mstype.float32, device: Optional[str] = None) -> Tuple[Optional[Backend], str]:
-    """(backend or None, reason). None means: use the composition; ``reason`` says why."""
+AUTO_MIN_WEIGHT_ELEMENTS = 1024 * 1024  # CPU: below this the composition was faster (above)
+
+
+def resolve(use_fused="auto", dtype=mstype.float32, device: Optional[str] = None,
+            weight_elements: Optional[int] = None) -> Tuple[Optional[Backend], str]:
+    """(backend or None, reason). None means: use the composition; ``reason`` says why.
+    ``weight_elements``: in x out of the layer (the CPU ``auto`` rule needs it large)."""
     use_fused = check_use_fused(use_fused)
     device = device or current_device()
     key = (device, dtype_name(dtype))
+    if use_fused == "auto" and device == "CPU" and weight_elements is not None \
+            and weight_elements < AUTO_MIN_WEIGHT_ELEMENTS:
+        return None, f"auto rule: the composition is faster for {weight_elements} weight elements on CPU"
     if use_fused is False:
         return None, "use_fused_kernel is False"
     if key not in SUPPORTED:

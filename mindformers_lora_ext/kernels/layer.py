@@ -53,7 +53,7 @@ class FusedLoraMatmul(nn.Cell):
         self.dropout_p = float(dropout)
         self.dropout_active = self.dropout_p > 0
         self.compute_dtype = dtype
-        backend, self.reason = dispatch.resolve(use_fused, dtype)
+        backend, self.reason = dispatch.resolve(use_fused, dtype, weight_elements=in_channels * out_channels)
         self.fused = backend is not None
         self.backend = backend.name if backend else "composition"
         self.reshape = P.Reshape()
