@@ -15,6 +15,10 @@ from mindformers_lora_ext.peft_format import save_adapter
 from conftest import ROOT, RUN_MINDFORMER, run_fresh
 
 LORA_TYPES = ["lora_ext", "dora", "rslora", "pissa", "olora"]
+# the method keys of each pet type (targets: q/k/v/o)
+KEYS = {**{t: dict(lora_rank=8, lora_alpha=16) for t in LORA_TYPES},
+        "vera": dict(r=16), "loha": dict(r=4, alpha=8), "lokr": dict(r=4, alpha=8),
+        "adalora": dict(init_r=8, target_r=4, total_step=32, lora_alpha=16)}
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +33,7 @@ def base_ckpt(tmp_path_factory):
 
 
 def _pet(pet_type, **extra):
-    return DictConfig(pet_type=pet_type, lora_rank=8, lora_alpha=16,
-                      target_modules=".*wq|.*wk|.*wv|.*wo", **extra)
+    return DictConfig(pet_type=pet_type, target_modules=".*wq|.*wk|.*wv|.*wo", **KEYS[pet_type], **extra)
 
 
 def _adapter_dir(tiny_config, base_ckpt, pet_type, directory):
@@ -62,7 +65,7 @@ def _greedy(net, ids):
     return np.asarray(net.generate(ids, max_length=16, do_sample=False)[0])
 
 
-@pytest.mark.parametrize("pet_type", LORA_TYPES)
+@pytest.mark.parametrize("pet_type", list(KEYS))
 def test_greedy_generation_same_merged_and_unmerged(tiny_config, base_ckpt, tmp_path, pet_type):
     _adapter_dir(tiny_config, base_ckpt, pet_type, tmp_path / "adapter")
     if pet_type in ("pissa", "olora"):  # their adapters belong to the residual base they trained on
