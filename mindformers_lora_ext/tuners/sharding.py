@@ -13,9 +13,14 @@ MindFormers' own lora adapter does for mindpet's LoRADense:
 mcore layers carry layouts on their Morph instead of a MatMul strategy; their equivalent
 tuple strategy comes from the TransformerConfig: column parallel ((dp, 1), (tp, 1)), row
 parallel ((dp, tp), (1, tp)), with dp = data_parallel_size (times context parallel).
-None of this runs on more than one device here: it is unit-tested for mp = 2/4 and dp x mp.
+Only primitives take a strategy (the two MatMuls; a dropout cell with a ``dropout`` primitive):
+our layers' ``nn.Dropout`` (a functional op in MindSpore 2.9) and the elementwise scale/add keep
+the strategies MindSpore derives. None of this runs on more than one device here: it is
+unit-tested for mp = 2/4 and dp x mp.
 """
 from typing import Dict, Optional, Tuple
+
+from mindspore.ops.primitive import Primitive
 
 Strategy = Tuple[tuple, ...]
 
@@ -66,6 +71,8 @@ def shard_adapter(layer, base, force: bool = False) -> Optional[Dict[str, Strate
     strategies = lora_strategies(strategy, getattr(base, "transpose_b", True))
     for name, value in strategies.items():
         op = getattr(layer, name, None)
-        if op is not None and hasattr(op, "shard"):
+        if isinstance(op, Primitive) or hasattr(op, "dropout"):  # MatMul, or MindFormers' Dropout
             op.shard(value)
+        # other ops (nn.Dropout, MindSpore's functional dropout; Python * and +) keep the
+        # strategies MindSpore derives for them
     return strategies
