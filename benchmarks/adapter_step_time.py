@@ -54,18 +54,8 @@ def run_child(spec):
     # pylint: disable=import-outside-toplevel
     import numpy as np
     import mindspore as ms
-    from mindformers.core.context import build_context
-    from mindformers.core.lr import build_lr
-    from mindformers.core.optim import build_optim
-    from mindformers.core.parallel_config import build_parallel_config
-    from mindformers.models.build_model import build_network
     from mindformers.tools.register import MindFormerConfig
-    from mindformers.trainer.optimizer_grouped_parameters import get_optimizer_grouped_parameters
-    from mindformers.wrapper import build_wrapper
-    try:
-        from mindformers.tools import set_output_path
-    except ImportError:  # MindFormers 1.9.0
-        from mindformers.utils.file_utils import set_output_path
+    from _trainer_step import build_train_step  # pylint: disable=import-error
 
     dims = SIZES[spec["size"]]
     config = MindFormerConfig(TINY_CONFIG)
@@ -76,29 +66,8 @@ def run_child(spec):
         model_config[key] = value
     model_config.pet_config = MindFormerConfig(**dict(SETUPS[spec["setup"]], target_modules=TARGETS))
 
-    set_output_path(config.output_dir)
-    build_context(config)
-    if spec["threads"]:
-        ms.device_context.cpu.op_tuning.threads_num(spec["threads"])
-    build_parallel_config(config)
-    network = build_network(config.model, default_args={
-        "parallel_config": config.parallel_config, "moe_config": config.moe_config,
-        "dataset_config": config.train_dataset, "calculate_per_token_loss": False,
-        "batch_size": config.runner_config.batch_size})
-    network.set_train(True)
     total_steps = spec["warmup"] + spec["steps"]
-    config.lr_schedule.total_steps = total_steps
-    lr_schedule = build_lr(config.lr_schedule)
-    group_params = get_optimizer_grouped_parameters(
-        model=network, weight_decay=config.optimizer.weight_decay, dynamic_lr_schedule=lr_schedule,
-        optimizer_type=config.optimizer.type)
-    optimizer = build_optim(config.optimizer, default_args={"params": group_params, "learning_rate": lr_schedule})
-    wrapper = build_wrapper(config.runner_wrapper, default_args={
-        "network": network, "optimizer": optimizer, "parallel_config": config.parallel_config,
-        "calculate_per_token_loss": False, "global_norm_spike_threshold": 1.0,
-        "print_separate_loss": True, "use_skip_data_by_global_norm": False,
-        "lr_scheduler": lr_schedule, "grouped_lr_scheduler": None})
-    wrapper.set_train(True)
+    network, wrapper = build_train_step(config, total_steps, spec["threads"])
 
     inner = getattr(network, "network", network)
     trainable = network.trainable_params()
