@@ -350,6 +350,15 @@ class LoraExtConfig(AdapterConfig):
                 f"PEFT), got {values['init_lora_weights']!r}")
         return values
 
+    def peft_fields(self, adapter_names) -> dict:
+        """The LoraConfig-specific fields of ``adapter_config.json``."""
+        rank_pattern, alpha_pattern = _resolved_patterns(self, adapter_names, self.lora_rank, self.lora_alpha)
+        return {"peft_type": "LORA", "r": self.lora_rank, "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout, "target_modules": _hf_targets(adapter_names),
+                "bias": "none", "fan_in_fan_out": False, "init_lora_weights": self.init_lora_weights,
+                "use_rslora": self.use_rslora, "use_dora": self.use_dora, "lora_bias": self.lora_bias,
+                "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+
     def module_options(self, name: str) -> LoraSpec:
         """The LoRA settings of target cell ``name`` (rank_pattern/alpha_pattern applied)."""
         rank = pattern_value(self.rank_pattern, name, self.lora_rank)
@@ -435,6 +444,21 @@ def _check_finite(name, value):
 
 def _check_dropout(name, value):
     return _check_real(name, value, 0, 1, high_open=True)
+
+
+def _resolved_patterns(config, adapter_names, rank, alpha):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` resolved per adapted cell: full HF module
+    name -> value, only where it differs from the default ``rank`` / ``alpha`` (PEFT matches a
+    full name exactly, so our regexes need no translation)."""
+    from mindformers_lora_ext.naming import hf_module_name  # pylint: disable=import-outside-toplevel
+    rank_pattern, alpha_pattern = {}, {}
+    for name in adapter_names:
+        spec = config.module_options(name)
+        if spec.rank != rank:
+            rank_pattern[hf_module_name(name)] = spec.rank
+        if spec.alpha != alpha:
+            alpha_pattern[hf_module_name(name)] = spec.alpha
+    return rank_pattern, alpha_pattern
 
 
 def _hf_targets(adapter_names):
@@ -565,14 +589,7 @@ class _LycorisConfig(AdapterConfig):
     def peft_fields(self, adapter_names) -> dict:
         """The method-specific fields of ``adapter_config.json`` (patterns resolved per module,
         with full HF module names, as for LoRA)."""
-        from mindformers_lora_ext.naming import hf_module_name  # pylint: disable=import-outside-toplevel
-        rank_pattern, alpha_pattern = {}, {}
-        for name in adapter_names:
-            spec = self.module_options(name)
-            if spec.rank != self.r:
-                rank_pattern[hf_module_name(name)] = spec.rank
-            if spec.alpha != self.alpha:
-                alpha_pattern[hf_module_name(name)] = spec.alpha
+        rank_pattern, alpha_pattern = _resolved_patterns(self, adapter_names, self.r, self.alpha)
         return {"peft_type": self.PEFT_TYPE, "r": self.r, "alpha": self.alpha,
                 "target_modules": _hf_targets(adapter_names), "exclude_modules": None,
                 "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,

@@ -92,7 +92,7 @@ def from_peft_tensors(tensors: Dict[str, np.ndarray], config=None) -> Dict[str, 
 
 
 def _common_fields(config, adapter_names) -> dict:
-    """The ``adapter_config.json`` fields every PEFT config shares (VeRA / LoHa / LoKr)."""
+    """The ``adapter_config.json`` fields every PEFT config shares."""
     saved = config.modules_to_save
     return {
         "task_type": "CAUSAL_LM",
@@ -107,47 +107,11 @@ def _common_fields(config, adapter_names) -> dict:
 
 
 def peft_config_dict(config, adapter_names) -> dict:
-    """The PEFT config fields (``LoraConfig``, or ``VeraConfig`` / ``LoHaConfig`` /
-    ``LoKrConfig`` for configs with ``peft_fields``) for ``config`` adapting ``adapter_names``.
-
-    ``target_modules`` lists real module names (HF Llama names where known), as PEFT needs.
-    ``rank_pattern`` / ``alpha_pattern`` are resolved per adapted module and written with full
-    HF module names (PEFT matches a full name exactly), so regexes need no translation.
+    """The PEFT config (``LoraConfig``, ``VeraConfig``, ``LoHaConfig``, ``LoKrConfig`` or
+    ``AdaLoraConfig`` fields) for our ``config`` adapting ``adapter_names``: the shared fields
+    plus the config class's ``peft_fields`` (real HF module names, patterns resolved per module).
     """
-    if callable(getattr(type(config), "peft_fields", None)):  # (a DictConfig answers None to any name)
-        return dict(_common_fields(config, adapter_names), **config.peft_fields(adapter_names))
-    targets = sorted({hf_module_name(n).rsplit(".", 1)[-1] for n in adapter_names})
-    rank_pattern, alpha_pattern = {}, {}
-    for name in adapter_names:
-        spec = config.module_options(name)
-        if spec.rank != config.lora_rank:
-            rank_pattern[hf_module_name(name)] = spec.rank
-        if spec.alpha != config.lora_alpha:
-            alpha_pattern[hf_module_name(name)] = spec.alpha
-    saved = config.modules_to_save
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
-        "r": config.lora_rank,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": targets,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": config.init_lora_weights,
-        "use_rslora": config.use_rslora,
-        "use_dora": config.use_dora,
-        "lora_bias": config.lora_bias,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "layers_to_transform": config.layers_to_transform,
-        "layers_pattern": config.layers_pattern,
-        "modules_to_save": [hf_module_name(n) for n in saved] if saved else None,
-        "inference_mode": True,
-        # ours, ignored by PEFT: the pet type that wrote it
-        "mindformers_pet_type": config.pet_type,
-    }
+    return dict(_common_fields(config, adapter_names), **config.peft_fields(adapter_names))
 
 
 def _mf_module(name):
