@@ -41,3 +41,20 @@ def run_fresh(args, cwd, env=None, timeout=600):
     full_env.update(env or {})
     return subprocess.run([sys.executable] + list(args), cwd=cwd, env=full_env, timeout=timeout,
                           capture_output=True, text=True, check=False)
+
+
+def randomize_layer(layer, rng):
+    """Random values (from ``rng``) for every parameter of an adapted linear cell; returns them
+    as float64 arrays by attribute name, W as [out, in]. DoRA magnitudes are kept positive."""
+    import numpy as np
+    from mindspore import Tensor
+    arrays = {}
+    for param in [layer.weight] + ([layer.bias] if layer.has_bias else []) + layer.adapter_parameters():
+        value = rng.standard_normal(param.shape).astype(np.float32)
+        if param.name.endswith("magnitude_vector"):
+            value = np.abs(value) + 0.5
+        param.set_data(Tensor(value))
+        arrays[param.name.rsplit(".", 1)[-1]] = value.astype(np.float64)
+    if not layer.transpose_b:
+        arrays["weight"] = arrays["weight"].T
+    return arrays

@@ -7,6 +7,7 @@ from mindspore import Tensor, nn
 from mindformers.modules.layers import Linear
 from mindformers_lora_ext.config import LoraExtConfig
 from mindformers_lora_ext.tuners.lora import LoraLinear, merged_weight
+from conftest import randomize_layer
 
 RNG = np.random.default_rng(1234)
 TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -34,16 +35,7 @@ def spec(**kw):
 
 def randomize(layer):
     """Random values for every parameter; returns float64 arrays (W as [out, in])."""
-    arrays = {}
-    for param in [layer.weight] + ([layer.bias] if layer.has_bias else []) + layer.adapter_parameters():
-        value = RNG.standard_normal(param.shape).astype(np.float32)
-        if param.name.endswith("magnitude_vector"):
-            value = np.abs(value) + 0.5
-        param.set_data(Tensor(value))
-        arrays[param.name.rsplit(".", 1)[-1]] = value.astype(np.float64)
-    if not layer.transpose_b:
-        arrays["weight"] = arrays["weight"].T
-    return arrays
+    return randomize_layer(layer, RNG)
 
 
 def reference(x, arr, s, dora):

@@ -11,6 +11,7 @@ from mindformers.parallel_core.training_graph.tensor_parallel.layers import (
 from mindformers_lora_ext.config import LoraExtConfig
 from mindformers_lora_ext.tuners.lora import LoraLinear, merged_weight
 from mindformers_lora_ext.tuners.targeting import find_targets, replace_cells
+from conftest import randomize_layer
 
 RNG = np.random.default_rng(4321)
 TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -48,13 +49,7 @@ def spec(**variant):
 
 def randomize(layer):
     """Random values for every parameter; returns float64 arrays (W as [out, in])."""
-    arrays = {}
-    for param in [layer.weight] + ([layer.bias] if layer.has_bias else []) + layer.adapter_parameters():
-        value = RNG.standard_normal(param.shape).astype(np.float32)
-        if param.name.endswith("magnitude_vector"):
-            value = np.abs(value) + 0.5
-        param.set_data(Tensor(value))
-        arrays[param.name.rsplit(".", 1)[-1]] = value.astype(np.float64)
+    arrays = randomize_layer(layer, RNG)
     assert layer.transpose_b  # mcore targets store W as [out, in]
     return arrays
 
