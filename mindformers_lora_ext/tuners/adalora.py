@@ -11,6 +11,10 @@ regulariser ||P^T P - I||^2 + ||Q Q^T - I||^2 (mean over the adapted matrices, t
 A saved adapter keeps only its surviving triplets (``rank_pattern`` in the config): loading
 builds each cell at its pruned rank. The scale keeps r_init (PEFT rescales by the pruned rank
 after a reload; files written for PEFT carry the factor in lambda, see peft_format).
+
+Model parallel: x (Q * lambda)^T P^T has LoRA's shape, so ``lora_a_matmul`` / ``lora_b_matmul``
+take LoRA's strategies (:func:`~mindformers_lora_ext.tuners.sharding.adalora_strategies`);
+Q * lambda is elementwise and derived.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -19,8 +23,10 @@ from mindspore import Parameter, Tensor, nn
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import Normal, Zero, initializer
 from mindspore.ops import functional as F
+from mindspore.ops import operations as P
 
 from mindformers_lora_ext.tuners.additive import AdditiveLinear, AdditiveModel, DeltaMath
+from mindformers_lora_ext.tuners.sharding import adalora_strategies
 from mindformers_lora_ext import _boot
 
 PARAMS = ("lora_A", "lora_B", "lora_E")
@@ -79,10 +85,17 @@ class AdaLoraLinear(AdditiveLinear):
         self.rank = rank
         self.scale = spec.scale
         self.input_dropout = nn.Dropout(p=spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.lora_a_matmul = P.MatMul(transpose_b=True)  # x [N, in] @ (Q * lambda)^T -> [N, r]
+        self.lora_b_matmul = P.MatMul(transpose_b=True)  # h [N, r] @ P^T -> [N, out]
+        self.shard_ops(base)
+
+    def adapter_strategies(self, base_strategy, transpose_b):
+        return adalora_strategies(base_strategy, transpose_b)
 
     def update(self, x2d):
         scaled_a = self.p("lora_A") * self.p("lora_E")
-        return self.mm_t(self.mm_t(self.input_dropout(x2d), scaled_a), self.p("lora_B")) * self.scale
+        hidden = self.lora_a_matmul(self.input_dropout(x2d), scaled_a)
+        return self.lora_b_matmul(hidden, self.p("lora_B")) * self.scale
 
     def orth_penalty(self):
         """||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (float32 scalar)."""

@@ -6,6 +6,10 @@ Each method module (vera.py, loha.py, lokr.py) provides a ``*Math`` class (a sub
 :class:`DeltaMath`) holding its dW formula on float64 numpy arrays: the live layer's
 ``merge()`` and ``merge.merge_checkpoint`` both use it, so folding into a layer and into a
 checkpoint file is the same code.
+
+Under (semi-)auto parallel every MatMul call site of a method's ``update`` is its own named
+primitive, so each takes the strategy its method's rule in :mod:`.sharding` derives from the
+base's (:meth:`AdditiveLinear.shard_ops`).
 """
 from typing import Dict, Optional, Tuple
 
@@ -17,6 +21,7 @@ from mindspore.ops import operations as P
 
 from mindformers_lora_ext.tuners.base_layer import AdoptedLinear, to_mstype, to_numpy
 from mindformers_lora_ext.tuners.model import AdapterModel
+from mindformers_lora_ext.tuners.sharding import Strategy, shard_adapter
 from mindformers_lora_ext import _boot
 
 GATE = "adapter_active"
@@ -71,7 +76,9 @@ class DeltaMath:
 
 class AdditiveLinear(AdoptedLinear):
     """An adopted linear cell plus an additive update; subclasses set ``MATH``, create their
-    parameters, list their names in ``self.param_names`` and implement ``update(x2d)``.
+    parameters and one primitive per MatMul call site, list the parameters' names in
+    ``self.param_names``, implement ``update(x2d)`` and ``adapter_strategies``, and end their
+    ``__init__`` with ``self.shard_ops(base)``.
 
     ``adapter_active`` (frozen scalar, ``<cell>.adapter_active``) is 1 while the adapter is
     applied and 0 once merged, so a graph compiled before ``merge()`` stays correct.
@@ -94,8 +101,15 @@ class AdditiveLinear(AdoptedLinear):
         self.rank_dropout_scale = bool(getattr(spec, "rank_dropout_scale", False))
         if self.rank_dropout_on or self.module_dropout_on:
             self.uniform = P.UniformReal()
-        self.mm = P.MatMul()
-        self.mm_t = P.MatMul(transpose_b=True)
+
+    def adapter_strategies(self, base_strategy: Strategy, transpose_b: bool) -> Dict[str, Strategy]:
+        """This method's op strategies (by attribute name) for a base MatMul ``base_strategy``."""
+        raise NotImplementedError
+
+    def shard_ops(self, base, force: bool = False) -> Optional[Dict[str, Strategy]]:
+        """Set :meth:`adapter_strategies` from ``base``'s strategy, under (semi-)auto parallel
+        (or ``force``) and only when the base has one; returns them, else None."""
+        return shard_adapter(self, base, force, rule=self.adapter_strategies)
 
     def active(self):
         """1 (adapter applied) or 0 (merged), in compute dtype."""

@@ -15,14 +15,21 @@ w1_a[:, i] * w2_a[:, j] and V [r^2, in] the row-wise products w1_b[i] * w2_b[j].
 r^2 (in + out) < in * out (any real model: r 8 on 4096 x 4096), y = (x V^T) U^T costs
 N r^2 (in + out) instead of materialising dW and paying N in out as PEFT does; otherwise
 (tiny cells) dW is materialised. Both are the same function; autodiff gives the same gradients.
+
+Model parallel (:func:`~mindformers_lora_ext.tuners.sharding.loha_strategies`): the factored
+path is LoRA at rank r^2 (V split on in like W, U on out like W); the materialised path splits
+both factor products, hence dW, like W and multiplies x by dW with the base's own strategy.
+The Hadamard products and reshapes building U, V and dW are elementwise: MindSpore derives them.
 """
 import math
 
 from mindspore import Parameter
 from mindspore.common.initializer import HeUniform, Zero, initializer
+from mindspore.ops import operations as P
 
 from mindformers_lora_ext.config import LycorisSpec
 from mindformers_lora_ext.tuners.additive import AdditiveLinear, AdditiveModel, DeltaMath
+from mindformers_lora_ext.tuners.sharding import loha_strategies
 from mindformers_lora_ext import _boot
 
 PARAMS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -72,23 +79,33 @@ class LohaLinear(AdditiveLinear):
         self.param_names = PARAMS
         self.rank = rank
         self.factored = rank * rank * (in_dim + out_dim) < in_dim * out_dim
+        self.loha_in_matmul = P.MatMul(transpose_b=True)    # x [N, in] @ V^T -> [N, r^2]
+        self.loha_out_matmul = P.MatMul(transpose_b=True)   # h [N, r^2] @ U^T -> [N, out]
+        # delta_weight() serves both paths (and callers outside the forward): always built
+        self.hada_w1_matmul = P.MatMul()                    # w1_a [out, r] @ w1_b [r, in]
+        self.hada_w2_matmul = P.MatMul()                    # w2_a [out, r] @ w2_b [r, in]
+        self.loha_delta_matmul = P.MatMul(transpose_b=True)  # x [N, in] @ dW^T -> [N, out]
+        self.shard_ops(base)
+
+    def adapter_strategies(self, base_strategy, transpose_b):
+        return loha_strategies(base_strategy, transpose_b)
 
     def delta_weight(self):
         """dW [out, in] in compute dtype (differentiable)."""
-        first = self.mm(self.p("hada_w1_a"), self.p("hada_w1_b"))
-        second = self.mm(self.p("hada_w2_a"), self.p("hada_w2_b"))
+        first = self.hada_w1_matmul(self.p("hada_w1_a"), self.p("hada_w1_b"))
+        second = self.hada_w2_matmul(self.p("hada_w2_a"), self.p("hada_w2_b"))
         return first * second * self.scaling
 
     def update(self, x2d):
         if not self.factored:
-            return self.mm_t(x2d, self.delta_weight())
+            return self.loha_delta_matmul(x2d, self.delta_weight())
         rr = self.rank * self.rank
         # U[:, i r + j] = w1_a[:, i] * w2_a[:, j];  V[i r + j] = w1_b[i] * w2_b[j]
         left = self.reshape(self.p("hada_w1_a")[:, :, None] * self.p("hada_w2_a")[:, None, :],
                             (self.out_channels, rr))
         right = self.reshape(self.p("hada_w1_b")[:, None, :] * self.p("hada_w2_b")[None, :, :],
                              (rr, self.in_channels))
-        return self.mm_t(self.mm_t(x2d, right), left) * self.scaling
+        return self.loha_out_matmul(self.loha_in_matmul(x2d, right), left) * self.scaling
 
 
 class LohaModel(AdditiveModel):

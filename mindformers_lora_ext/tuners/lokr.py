@@ -16,6 +16,13 @@ random. Training-only ``rank_dropout`` (output rows of dW; rescaled by 1/mean wi
 Unlike PEFT, the forward never materialises dW: with x viewed as [N, in_m, in_n],
 x kron(w1, w2)^T = w1 (x w2^T) per sample, which costs N (in * out_k + out * in_m) instead of
 N * in * out multiply-adds. The merge math (numpy) is the plain Kronecker product.
+
+Model parallel (:func:`~mindformers_lora_ext.tuners.sharding.lokr_strategies`): in_m and out_l
+lead in and out, so the base's in split k (out split o) is a split of in_m (of out_l) when it
+divides it; the second MatMul (by w1) then takes the base's own strategy. The first MatMul (by
+w2) has a strategy only when in is not split (k = 1): otherwise x's reshape to
+[N * in_m, in_n] merges the batch (split dp) with in_m (split k) into one dim, a layout no
+split of that dim reproduces, and MindSpore derives it (and redistributes). w2 is used whole.
 """
 import math
 from typing import Dict, Tuple
@@ -23,9 +30,11 @@ from typing import Dict, Tuple
 import numpy as np
 from mindspore import Parameter
 from mindspore.common.initializer import HeUniform, Zero, initializer
+from mindspore.ops import operations as P
 
 from mindformers_lora_ext.config import LycorisSpec, lokr_factorization
 from mindformers_lora_ext.tuners.additive import AdditiveLinear, AdditiveModel, DeltaMath
+from mindformers_lora_ext.tuners.sharding import lokr_strategies
 from mindformers_lora_ext import _boot
 
 PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -105,23 +114,33 @@ class LokrLinear(AdditiveLinear):
         self.out_l, self.in_m = w1_shape
         self.out_k, self.in_n = w2_shape
         self.scaling = spec.scaling
+        self.lokr_w2_matmul = P.MatMul(transpose_b=True)  # x [N * in_m, in_n] @ w2^T -> [., out_k]
+        self.lokr_w1_matmul = P.MatMul(transpose_b=True)  # t [N * out_k, in_m] @ w1^T -> [., out_l]
+        if not self.whole_w1:
+            self.lokr_w1_ab_matmul = P.MatMul()  # w1_a [out_l, r] @ w1_b [r, in_m]
+        if not self.whole_w2:
+            self.lokr_w2_ab_matmul = P.MatMul()  # w2_a [out_k, r] @ w2_b [r, in_n]
+        self.shard_ops(base)
+
+    def adapter_strategies(self, base_strategy, transpose_b):
+        return lokr_strategies(base_strategy, transpose_b, in_m=self.in_m, out_l=self.out_l)
 
     def w1(self):
         if self.whole_w1:
             return self.p("lokr_w1")
-        return self.mm(self.p("lokr_w1_a"), self.p("lokr_w1_b"))
+        return self.lokr_w1_ab_matmul(self.p("lokr_w1_a"), self.p("lokr_w1_b"))
 
     def w2(self):
         if self.whole_w2:
             return self.p("lokr_w2")
-        return self.mm(self.p("lokr_w2_a"), self.p("lokr_w2_b"))
+        return self.lokr_w2_ab_matmul(self.p("lokr_w2_a"), self.p("lokr_w2_b"))
 
     def update(self, x2d):
         # x [N, in_m * in_n] -> [N * in_m, in_n] @ w2^T -> [N, in_m, out_k] -> [N, out_k, in_m]
         # -> @ w1^T -> [N, out_k, out_l] -> [N, out_l, out_k] -> [N, out]
-        t = self.mm_t(self.reshape(x2d, (-1, self.in_n)), self.w2())
+        t = self.lokr_w2_matmul(self.reshape(x2d, (-1, self.in_n)), self.w2())
         t = self.transpose(self.reshape(t, (-1, self.in_m, self.out_k)), (0, 2, 1))
-        t = self.mm_t(self.reshape(t, (-1, self.in_m)), self.w1())
+        t = self.lokr_w1_matmul(self.reshape(t, (-1, self.in_m)), self.w1())
         t = self.transpose(self.reshape(t, (-1, self.out_k, self.out_l)), (0, 2, 1))
         return self.reshape(t, (-1, self.out_channels)) * self.scaling
 

@@ -12,6 +12,10 @@ in_max for A, r for B), A drawn before B, as float32. They are the MindSpore par
 ``save_projection`` (PEFT's ``base_model.vera_A`` / ``base_model.vera_B``). HF PEFT draws them
 with torch's generator, so the same key gives different matrices there: a PEFT VeRA adapter is
 only usable here when it was saved with its projections (PEFT's default).
+
+Model parallel: the projections are shared by cells whose bases split differently, and a
+Parameter takes one layout, so every cell keeps A and B whole (its slices and both MatMuls
+split only the batch, see :func:`~mindformers_lora_ext.tuners.sharding.vera_strategies`).
 """
 from types import SimpleNamespace
 from typing import Dict, Tuple
@@ -19,11 +23,13 @@ from typing import Dict, Tuple
 import numpy as np
 from mindspore import Parameter, nn
 from mindspore.common.initializer import Constant, Normal, One, Zero, initializer
+from mindspore.ops import operations as P
 
 from mindformers_lora_ext.config import VeraSpec
 from mindformers_lora_ext.tuners.additive import AdditiveLinear, AdditiveModel, DeltaMath
 from mindformers_lora_ext.tuners.base_layer import parallel_linear_types, to_mstype, to_numpy
 from mindformers_lora_ext.tuners.lora_init import FromBase
+from mindformers_lora_ext.tuners.sharding import vera_strategies
 from mindformers_lora_ext import _boot
 
 SHARED = ("vera_A", "vera_B")
@@ -92,16 +98,29 @@ class VeraLinear(AdditiveLinear):
                                                    [spec.rank], self.param_dtype), name="vera_lambda_d")
         self.vera_dropout = nn.Dropout(p=spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.param_names = ("vera_lambda_b", "vera_lambda_d")
+        self.rank = spec.rank
+        # Named slice primitives (not tensor indexing): they take a strategy, so every user of the
+        # shared projections can be given the same (whole) layout
+        if self.slice_a:
+            self.vera_a_slice = P.StridedSlice()
+        if self.slice_b:
+            self.vera_b_slice = P.StridedSlice()
+        self.vera_a_matmul = P.MatMul(transpose_b=True)  # x [N, in] @ A[:, :in]^T -> [N, r]
+        self.vera_b_matmul = P.MatMul(transpose_b=True)  # h [N, r] @ B[:out]^T -> [N, out]
+        self.shard_ops(base)
+
+    def adapter_strategies(self, base_strategy, transpose_b):
+        return vera_strategies(base_strategy, transpose_b)
 
     def update(self, x2d):
         proj_a = self.p("vera_A")
         if self.slice_a:
-            proj_a = proj_a[:, :self.in_channels]
+            proj_a = self.vera_a_slice(proj_a, (0, 0), (self.rank, self.in_channels), (1, 1))
         proj_b = self.p("vera_B")
         if self.slice_b:
-            proj_b = proj_b[:self.out_channels]
-        hidden = self.mm_t(self.vera_dropout(x2d), proj_a) * self.p("vera_lambda_d")
-        return self.mm_t(hidden, proj_b) * self.p("vera_lambda_b")
+            proj_b = self.vera_b_slice(proj_b, (0, 0), (self.out_channels, self.rank), (1, 1))
+        hidden = self.vera_a_matmul(self.vera_dropout(x2d), proj_a) * self.p("vera_lambda_d")
+        return self.vera_b_matmul(hidden, proj_b) * self.p("vera_lambda_b")
 
     def adapter_arrays(self) -> Dict[str, np.ndarray]:
         arrays = super().adapter_arrays()
