@@ -1,8 +1,9 @@
 """Inference forward cost: base model vs adapter model (unmerged) vs adapter model merged.
 
 One run, one process, the small Llama (hidden 512, 4 layers, seq 256, batch 2) in eval mode,
-lora_ext (fused kernel, and the composition) / dora rank 8 on wq/wk/wv/wo. "merged" calls ``merge()`` before the first forward, so
-the compiled graph skips the adapter (what a merged checkpoint served as a plain model gives).
+lora_ext (fused kernel, and the composition) / dora rank 8 on wq/wk/wv/wo. "merged" is
+``pet_config.merge_on_load: true``: the adapters fold at ``set_train(False)``, before the first
+forward, so the compiled graph skips them (what a merged checkpoint served as a plain model gives).
 Prints median ms per forward and ratios to the base model.
 
     python benchmarks/merged_forward.py [--steps 20]
@@ -59,9 +60,9 @@ def main():
                                               ids, args.steps)
     for pet_type in ("lora_ext", "dora"):
         rows[pet_type] = _median_ms(build_network(config(pet_type)), ids, args.steps)
-        merged = build_network(config(pet_type))
-        merged.network.merge()
+        merged = build_network(config(pet_type, merge_on_load=True))
         rows[f"{pet_type} merged"] = _median_ms(merged, ids, args.steps)
+        assert all(layer.merged for layer in merged.network._adapter_layers.values())  # pylint: disable=protected-access
     print(f"{'model':<16} {'ms/forward':>10} {'vs base':>8}")
     for name, value in rows.items():
         print(f"{name:<16} {value:>10.2f} {value / rows['base']:>8.3f}")

@@ -105,6 +105,7 @@ class AdapterConfig(PetConfig):
         "freeze_include": None,
         "freeze_exclude": None,
         "adapter_path": None,
+        "merge_on_load": False,
     }
 
     def __init__(self, **kwargs):
@@ -184,6 +185,7 @@ class AdapterConfig(PetConfig):
         for name in ("freeze_include", "freeze_exclude"):
             values[name] = _check_name_list(name, values[name])
         values["adapter_path"] = _check_adapter_path(values["adapter_path"])
+        values["merge_on_load"] = _check_bool("merge_on_load", values["merge_on_load"])
         # PetModel freezes by globs before we recompute the trainable set exactly; giving it
         # our adapter globs keeps its result right too (and mcore models need a non-empty list).
         exclude = values["freeze_exclude"] or []

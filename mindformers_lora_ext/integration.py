@@ -15,6 +15,12 @@ which fails if MindFormers changes under it:
    ``PetModel`` no longer pops ``pet_type`` out of the live YAML dict (a second build in one
    process keeps its adapter), and (c) after ``PetModel`` is built, exactly the adapter
    parameters (plus the user's ``freeze_exclude``) are trainable.
+
+Behaviour we rely on without patching anything: eval and predict build the network under
+``no_init_parameters``, call ``set_train(False)``, load ``--load_checkpoint``, and call
+``set_train(False)`` again (``Model.eval`` / ``generate``) before the first forward.
+``merge_on_load`` folds at that second call (``AdapterModel.add_flags_recursive``, the public
+Cell method ``set_train`` goes through); ``tests/test_serving.py`` fails if this changes.
 """
 import difflib
 import os

@@ -33,6 +33,7 @@ def test_defaults_and_adapter_globs():
     ("compute_dtype", "fp16", "expected one of ['float32', 'float16', 'bfloat16']"),
     ("freeze_exclude", "*lm_head*", "freeze_exclude = '*lm_head*': expected a non-empty list"),
     ("use_dora", "yes", "use_dora = 'yes': expected true or false"),
+    ("merge_on_load", 1, "merge_on_load = 1: expected true or false"),
     ("init_lora_weights", "pissa_niter_0", "expected one of ['true', 'false', 'kaiming', 'gaussian'"),
     ("init_lora_weights", "svd", "init_lora_weights = 'svd'"),
     ("rank_pattern", {"wq": 0}, "rank_pattern['wq'] = 0: expected an integer >= 1"),

@@ -50,12 +50,26 @@ def _adapter_dir(tiny_config, base_ckpt, pet_type, directory):
     return net
 
 
-def _served(tiny_config, base_ckpt, pet_type, directory):
+def _served(tiny_config, base_ckpt, pet_type, directory, **extra):
     """How one serves: the base checkpoint plus pet_config.adapter_path."""
-    tiny_config.model.model_config.pet_config = _pet(pet_type, adapter_path=str(directory))
+    tiny_config.model.model_config.pet_config = _pet(pet_type, adapter_path=str(directory), **extra)
     net = build_network(tiny_config.model)
     ms.load_param_into_net(net, ms.load_checkpoint(base_ckpt))
     return net
+
+
+def _served_like_mindformers(tiny_config, base_ckpt, pet_type, directory, **extra):
+    """What eval/predict do: build under no_init_parameters, set_train(False), then load."""
+    from mindspore.nn.utils import no_init_parameters
+    tiny_config.model.model_config.pet_config = _pet(pet_type, adapter_path=str(directory), **extra)
+    with no_init_parameters():
+        net = build_network(tiny_config.model)
+    net.set_train(False)
+    layers = list(net.network._adapter_layers.values())
+    assert layers and not any(layer.merged for layer in layers)  # nothing loaded yet: no merge
+    ms.load_param_into_net(net, ms.load_checkpoint(base_ckpt))
+    net.init_parameters_data()
+    return net, layers
 
 
 def _greedy(net, ids):
@@ -75,6 +89,10 @@ def test_greedy_generation_same_merged_and_unmerged(tiny_config, base_ckpt, tmp_
     tokens = _greedy(served, ids)
     served.network.merge()  # same compiled graph, adapter folded into the weights
     np.testing.assert_array_equal(_greedy(served, ids), tokens)
+    on_load, layers = _served_like_mindformers(tiny_config, base_ckpt, pet_type, tmp_path / "adapter",
+                                               merge_on_load=True)
+    np.testing.assert_array_equal(_greedy(on_load, ids), tokens)  # generate's set_train(False) merged
+    assert all(layer.merged for layer in layers)
     # a plain base model loaded with the merged checkpoint generates the same
     full = tmp_path / "adapted.ckpt"
     served.network.unmerge()
@@ -89,14 +107,36 @@ def test_greedy_generation_same_merged_and_unmerged(tiny_config, base_ckpt, tmp_
     assert not np.array_equal(_greedy(base, ids), tokens)  # the adapter is active when serving
 
 
-def _eval_config(tmp_path, pet_type, adapter, data):
+@pytest.mark.parametrize("pet_type", ["lora_ext", "loha"])
+def test_merge_on_load_folds_after_the_checkpoint_and_refuses_training(tiny_config, base_ckpt, tmp_path,
+                                                                      pet_type):
+    _adapter_dir(tiny_config, base_ckpt, pet_type, tmp_path / "adapter")
+    ids = ms.Tensor(np.arange(3, 67, dtype=np.int32).reshape(2, 32) % 128)
+    reference = _served(tiny_config, base_ckpt, pet_type, tmp_path / "adapter")
+    reference.set_train(False)
+    expected = reference(ids)[0].asnumpy()
+    net, layers = _served_like_mindformers(tiny_config, base_ckpt, pet_type, tmp_path / "adapter",
+                                           merge_on_load=True)
+    net.set_train(False)  # what Model.eval / generate do before running
+    assert all(layer.merged for layer in layers)
+    np.testing.assert_allclose(net(ids)[0].asnumpy(), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="merge_on_load is true: it serves eval/predict"):
+        net.set_train(True)
+
+
+def _eval_config(tmp_path, pet_type, adapter, data, **extra):
+    from mindformers_lora_ext.registry import pet_type_config_class
+    accepted = pet_type_config_class(pet_type).DEFAULTS
     dataset = {"data_loader": {"type": "MindDataset", "dataset_dir": data, "shuffle": False},
                "input_columns": ["input_ids"], "num_parallel_workers": 1,
                "python_multiprocessing": False, "drop_remainder": False, "batch_size": 2,
                "repeat": 1, "numa_enable": False, "prefetch_size": 1}
     cfg = {"base_config": [os.path.join(ROOT, "configs", "tiny", "lora_ext.yaml")],
            "run_mode": "eval",
-           "model": {"model_config": {"pet_config": dict(_pet(pet_type, adapter_path=str(adapter)))}},
+           # null cancels what lora_ext.yaml's pet_config gives and this pet type does not take
+           "model": {"model_config": {"pet_config": {
+               **dict.fromkeys(k for k in ("lora_rank", "lora_alpha", "lora_dropout") if k not in accepted),
+               **dict(_pet(pet_type, adapter_path=str(adapter), **extra))}}},
            "eval_dataset": dataset,
            "eval_dataset_task": {"type": "CausalLanguageModelDataset", "dataset_config": dataset},
            "metric": {"type": "PerplexityMetric"}}
@@ -107,18 +147,24 @@ def _eval_config(tmp_path, pet_type, adapter, data):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-@pytest.mark.parametrize("pet_type", ["lora_ext", "dora"])
-def test_eval_perplexity_through_launcher_matches_logits(tiny_config, base_ckpt, tmp_path, pet_type):
+@pytest.mark.parametrize("pet_type,merge_on_load", [("lora_ext", False), ("dora", False)]
+                         + [(t, True) for t in KEYS])
+def test_eval_perplexity_through_launcher_matches_logits(tiny_config, base_ckpt, tmp_path, pet_type,
+                                                         merge_on_load):
+    """Eval of every pet type (merged on load, and unmerged for two) gives the perplexity of the
+    unmerged served network's logits."""
     from mindformers_lora_ext.tiny_data import write_tiny_dataset
     _adapter_dir(tiny_config, base_ckpt, pet_type, tmp_path / "adapter")
     # eval rows are exactly seq_length long (MindFormers' eval graph does not shift them)
     data = write_tiny_dataset(str(tmp_path / "eval.mindrecord"), num_rows=6, seq_length=31,
                               vocab_size=128, seed=5)
-    proc = run_fresh([RUN_MINDFORMER, "--config", str(_eval_config(tmp_path, pet_type, tmp_path / "adapter", data)),
+    config = _eval_config(tmp_path, pet_type, tmp_path / "adapter", data, merge_on_load=merge_on_load)
+    proc = run_fresh([RUN_MINDFORMER, "--config", str(config),
                       "--load_checkpoint", base_ckpt, "--output_dir", str(tmp_path / "out")],
                      cwd=str(tmp_path))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
+    assert ("merge_on_load folded" in log) == merge_on_load
     ppl = float(re.search(r"'PPL': ([0-9.eE+-]+)", log).group(1))
     # by hand: mean token cross entropy per batch from the served network's logits, averaged
     import mindspore.dataset as ds

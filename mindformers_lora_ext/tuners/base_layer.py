@@ -169,9 +169,11 @@ class AdoptedLinear(nn.Cell):
         """The base weight as a float64 [out, in] numpy array (a copy)."""
         data = to_numpy(self.weight)
         full = (self.out_channels, self.in_channels) if self.transpose_b else (self.in_channels, self.out_channels)
-        if data.shape != full:  # a model-parallel slice: SVD/QR/norms of it would be wrong
+        if data.shape != full:  # a model-parallel slice: SVD/QR/norms/merges of it would be wrong
             raise ValueError(f"weight {self.weight.name} holds a {data.shape} slice of {full}: "
-                             f"PiSSA, OLoRA and DoRA need the whole weight (not sharded) to initialise")
+                             f"PiSSA, OLoRA and DoRA need the whole weight (not sharded) to initialise, "
+                             f"and merge()/merge_on_load to fold; under model parallel, fold a "
+                             f"checkpoint with `mindformers-lora merge` instead")
         return data if self.transpose_b else data.T
 
     def set_weight_array(self, weight_oi: np.ndarray):

@@ -66,6 +66,37 @@ class AdapterModel(PreTrainedModel):
         return self.LAYER(base_cell, config.module_options(name), config.param_init_type,
                           config.compute_dtype)
 
+    def add_flags_recursive(self, **flags):
+        """MindSpore's ``set_train`` reaches every cell through this; with ``merge_on_load`` it
+        is where the adapters get folded (see :meth:`merge_on_load`)."""
+        config = getattr(getattr(self, "config", None), "pet_config", None)
+        if "training" in flags and getattr(config, "merge_on_load", False):
+            self.merge_on_load(bool(flags["training"]))
+        return super().add_flags_recursive(**flags)
+
+    def merge_on_load(self, training: bool):
+        """``merge_on_load: true``: fold the adapters on the first switch to inference at which
+        every weight they touch holds data, so the graph compiled next is the base model's.
+
+        Eval and predict build the network under ``no_init_parameters``, call ``set_train(False)``,
+        load ``--load_checkpoint`` and only then run: the switch before the load is skipped (the
+        weights have no data yet), the one when eval/generate starts merges. A switch to training
+        is refused: it would train adapters already folded away.
+        """
+        if training:
+            raise ValueError(f"{KEY_PREFIX}.merge_on_load is true: it serves eval/predict with the "
+                             f"adapters folded into the base weights, so training would update adapters "
+                             f"that no longer act. Remove merge_on_load (or set it false) to train.")
+        layers = list(self._adapter_layers.values())
+        if all(layer.merged for layer in layers):
+            return
+        params = [layer.weight for layer in layers] + self.file_parameters()
+        if any(p.has_init for p in params):  # not loaded yet: MindFormers loads after set_train
+            return
+        self.merge()
+        logger.info("mindformers-lora-ext: merge_on_load folded %d adapters into the base weights",
+                    len(layers))
+
     def merge(self):
         """Fold every adapter into its base weight (forward of a compiled graph is unchanged)."""
         for layer in self._adapter_layers.values():
