@@ -79,6 +79,13 @@ def test_typo_in_pet_type_fails_before_training(tmp_path, dataset):
     assert not re.search(r"loss:\[", log) and not (tmp_path / "summary.json").exists()
 
 
+def test_training_with_merge_on_load_fails_before_the_first_step(tmp_path, dataset):
+    proc, log = _train(tmp_path, _write_config(tmp_path, merge_on_load=True), dataset)
+    assert proc.returncode != 0
+    assert "model.model_config.pet_config.merge_on_load is true: it serves eval/predict" in log
+    assert not re.search(r"loss:\[", log) and not (tmp_path / "summary.json").exists()
+
+
 def test_cli_plugins_lists_our_registrations(tmp_path):
     proc = run_fresh(["-m", "mindformers_lora_ext.cli", "plugins"], cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
