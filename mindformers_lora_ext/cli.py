@@ -51,20 +51,24 @@ def _cmd_export(args) -> int:
         raise SystemExit("export of a MindSpore checkpoint needs --config: the run's YAML (its pet_config)")
     import mindspore as ms
     from mindformers.tools.register import MindFormerConfig
-    from mindformers_lora_ext.merge import is_adapter_tensor
+    from mindformers_lora_ext.merge import adapter_cells, additive_math, is_adapter_tensor, GATES
     from mindformers_lora_ext.tuners.base_layer import param_array
     pet = _pet_config(dict(MindFormerConfig(args.config).model.model_config.pet_config))
     fmt = "safetensors" if args.adapter.endswith(".safetensors") else "ckpt"
     saved = tuple(pet.modules_to_save or ())
+    # VeRA with save_projection: false leaves the projections out, as its adapter files do
+    dropped = set(GATES) | (set(additive_math(pet).SHARED_PARAMS)
+                            if getattr(pet, "save_projection", True) is False else set())
     arrays = {}
     for name, param in ms.load_checkpoint(args.adapter, format=fmt).items():
-        cell = name.rsplit(".", 1)[0]
-        if (is_adapter_tensor(name) and not name.endswith(".lora_active")) or \
+        cell, _, attr = name.rpartition(".")
+        if (is_adapter_tensor(name) and attr not in dropped and name not in dropped) or \
                 any(cell == m or cell.endswith("." + m) for m in saved):
             arrays[name] = param_array(param)
-    cells = sorted({n.rsplit(".", 1)[0] for n in arrays if n.endswith(".lora_A")})
+    cells = adapter_cells(arrays, pet)  # gates dropped: merged cells' adapters are exported too
     if not cells:
-        raise SystemExit(f"{args.adapter}: no '<cell>.lora_A' tensor: not a LoRA-family checkpoint")
+        raise SystemExit(f"{args.adapter}: no adapter tensor of pet_type {pet.pet_type!r} (e.g. "
+                         f"'<cell>.lora_A', '<cell>.hada_w1_a'): wrong --config for this checkpoint?")
     adapter_files.write_adapter_dir(args.out, peft_format.to_peft_tensors(arrays, pet),
                                     peft_format.peft_config_dict(pet, cells))
     print(f"exported {len(cells)} adapted cells ({len(arrays)} tensors) from {args.adapter} -> {args.out}")

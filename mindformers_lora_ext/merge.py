@@ -30,7 +30,8 @@ from mindformers_lora_ext import _boot
 
 _ADDITIVE = ((VeraConfig, VeraMath), (LohaConfig, LohaMath), (LokrConfig, LokrMath),
              (AdaLoraConfig, AdaLoraMath))
-ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_active", GATE) \
+GATES = ("lora_active", GATE)  # the frozen 0/1 merge gates: live-model state, not adapter tensors
+ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector") + GATES \
     + tuple(name for _, math in _ADDITIVE for name in math.CELL_PARAMS + math.SHARED_PARAMS)
 
 

@@ -58,3 +58,12 @@ def randomize_layer(layer, rng):
     if not layer.transpose_b:
         arrays["weight"] = arrays["weight"].T
     return arrays
+
+
+def pet_config_over_tiny(pet: dict) -> dict:
+    """``pet`` as a YAML pet_config on top of TINY_CONFIG: each key of lora_ext.yaml's pet_config
+    that ``pet["pet_type"]`` does not take is set to null, which cancels the inherited key."""
+    from mindformers_lora_ext.registry import pet_type_config_class
+    accepted = pet_type_config_class(pet["pet_type"]).DEFAULTS
+    inherited = ("lora_rank", "lora_alpha", "lora_dropout")
+    return {**{k: None for k in inherited if k not in accepted and k not in pet}, **pet}

@@ -8,8 +8,9 @@ import mindspore as ms
 from safetensors.numpy import load_file
 
 from mindformers.models.build_model import build_network
+from mindformers.tools.register.config import DictConfig
 from mindformers_lora_ext import cli
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, pet_config_over_tiny
 
 
 @pytest.fixture
@@ -63,3 +64,37 @@ def test_inspect_and_errors(trained_checkpoint, tmp_path, capsys):
     assert "adapter_model.safetensors is missing" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="needs --config"):
         cli.main(["export", "--adapter", str(ckpt), str(tmp_path / "x")])
+
+
+STRUCTURED = {"vera": dict(r=16, save_projection=True), "loha": dict(r=4, alpha=8),
+              "lokr": dict(r=4, alpha=8), "adalora": dict(init_r=8, target_r=4, total_step=32, lora_alpha=16)}
+
+
+@pytest.mark.parametrize("pet_type", list(STRUCTURED) + ["vera_without_projections"])
+def test_export_of_a_run_checkpoint_equals_the_adapter_files(tiny_config, tmp_path, pet_type):
+    """export from a MindFormers run checkpoint writes what AdapterCheckpoint/save_adapter write."""
+    from mindformers_lora_ext.adapter_files import read_adapter_dir
+    from mindformers_lora_ext.peft_format import save_adapter
+    pet = {"pet_type": pet_type.split("_")[0], "target_modules": ".*wq|.*wv",
+           **STRUCTURED[pet_type.split("_")[0]]}
+    if pet_type == "vera_without_projections":
+        pet["save_projection"] = False
+    tiny_config.model.model_config.pet_config = DictConfig(**pet)
+    net = build_network(tiny_config.model)
+    rng = np.random.default_rng(7)
+    for p in net.network.saved_parameters():
+        p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32)))
+    ms.save_checkpoint(net, str(tmp_path / "run.ckpt"))
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({"base_config": [TINY_CONFIG],
+                                        "model": {"model_config": {"pet_config": pet_config_over_tiny(pet)}}}))
+    assert cli.main(["export", "--adapter", str(tmp_path / "run.ckpt"), "--config", str(run_yaml),
+                     str(tmp_path / "exported")]) == 0
+    save_adapter(net.network, str(tmp_path / "saved"))
+    config, tensors = read_adapter_dir(str(tmp_path / "exported"))
+    expected_config, expected = read_adapter_dir(str(tmp_path / "saved"))
+    assert config == expected_config
+    assert sorted(tensors) == sorted(expected) and len(tensors) >= 4
+    assert ("base_model.vera_A" in tensors) == (pet_type == "vera")
+    for key, value in expected.items():
+        assert np.array_equal(tensors[key], value), key

@@ -12,7 +12,7 @@ from mindformers.models.build_model import build_model, build_network
 from mindformers.tools.register.config import DictConfig
 from mindformers_lora_ext.merge import merge_checkpoint
 from mindformers_lora_ext.peft_format import save_adapter
-from conftest import ROOT, RUN_MINDFORMER, run_fresh
+from conftest import ROOT, RUN_MINDFORMER, pet_config_over_tiny, run_fresh
 
 LORA_TYPES = ["lora_ext", "dora", "rslora", "pissa", "olora"]
 # the method keys of each pet type (targets: q/k/v/o)
@@ -125,18 +125,14 @@ def test_merge_on_load_folds_after_the_checkpoint_and_refuses_training(tiny_conf
 
 
 def _eval_config(tmp_path, pet_type, adapter, data, **extra):
-    from mindformers_lora_ext.registry import pet_type_config_class
-    accepted = pet_type_config_class(pet_type).DEFAULTS
     dataset = {"data_loader": {"type": "MindDataset", "dataset_dir": data, "shuffle": False},
                "input_columns": ["input_ids"], "num_parallel_workers": 1,
                "python_multiprocessing": False, "drop_remainder": False, "batch_size": 2,
                "repeat": 1, "numa_enable": False, "prefetch_size": 1}
     cfg = {"base_config": [os.path.join(ROOT, "configs", "tiny", "lora_ext.yaml")],
            "run_mode": "eval",
-           # null cancels what lora_ext.yaml's pet_config gives and this pet type does not take
-           "model": {"model_config": {"pet_config": {
-               **dict.fromkeys(k for k in ("lora_rank", "lora_alpha", "lora_dropout") if k not in accepted),
-               **dict(_pet(pet_type, adapter_path=str(adapter), **extra))}}},
+           "model": {"model_config": {"pet_config": pet_config_over_tiny(
+               dict(_pet(pet_type, adapter_path=str(adapter), **extra)))}},
            "eval_dataset": dataset,
            "eval_dataset_task": {"type": "CausalLanguageModelDataset", "dataset_config": dataset},
            "metric": {"type": "PerplexityMetric"}}
