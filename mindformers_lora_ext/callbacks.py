@@ -132,7 +132,8 @@ class AdapterCheckpoint(Callback):
         save_optimizer (bool): also save the adapter's optimizer state (``optimizer.safetensors``,
             not part of PEFT's format) so ``resume`` continues the same trajectory.
 
-    Only rank 0 writes; every rank loads on resume.
+    PiSSA/OLoRA runs also get ``<output_dir>/initial/``, the adapter before the first step,
+    which ``mindformers-lora convert`` needs. Only rank 0 writes; every rank loads on resume.
     """
 
     def __init__(self, save_steps: int = 100, output_dir: Optional[str] = None,
@@ -193,6 +194,27 @@ class AdapterCheckpoint(Callback):
         elif self.resume:
             print(f"[mindformers-lora-ext] AdapterCheckpoint: resume requested, no adapter under "
                   f"{root} yet: starting fresh", flush=True)
+        if self._is_writer():
+            self._save_initial(root)
+
+    def _save_initial(self, root):
+        """PiSSA/OLoRA: keep the adapter as it is before the first step in ``<root>/initial``;
+        ``mindformers-lora convert`` needs it to turn the trained adapter into a plain LoRA for
+        the original base weights (pissa_to_lora)."""
+        # pylint: disable=import-outside-toplevel
+        from mindformers_lora_ext.peft_format import save_adapter
+        from mindformers_lora_ext.pissa_to_lora import INITIAL_DIR, is_convertible
+        if not is_convertible(getattr(self._model.config.pet_config, "init_lora_weights", None)):
+            return
+        path = os.path.join(root, INITIAL_DIR)
+        if self.step_offset:  # resumed: the run's initial adapter was written when it started
+            if not os.path.isdir(path):
+                print(f"[mindformers-lora-ext] AdapterCheckpoint: no {path} from this run's start: "
+                      f"its adapters cannot be converted to plain LoRA", flush=True)
+            return
+        save_adapter(self._model, path)
+        print(f"[mindformers-lora-ext] saved the initial adapter {path} (for `mindformers-lora convert`)",
+              flush=True)
 
     def _resume(self, root):
         # pylint: disable=import-outside-toplevel

@@ -109,6 +109,14 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from mindformers_lora_ext.pissa_to_lora import convert_adapter_dir  # pylint: disable=import-outside-toplevel
+    directory, initial = convert_adapter_dir(args.adapter, args.out, args.initial)
+    print(f"converted {directory} (initial adapter {initial}) -> {args.out}: a plain LoRA of twice the "
+          f"rank for the original base weights")
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     # pylint: disable=import-outside-toplevel
     import math
@@ -155,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write an adapter as an HF PEFT directory")
     export.add_argument("--adapter", required=True,
                         help="one of our adapter dirs (or a root with 'latest'), or a MindSpore "
-                             "checkpoint of a LoRA-family run (.ckpt/.safetensors; needs --config)")
+                             "checkpoint of a run with one of our pet types (.ckpt/.safetensors; "
+                             "needs --config)")
     export.add_argument("--to", choices=["peft"], default="peft", help="target format")
     export.add_argument("--config", help="the run's YAML, for a checkpoint --adapter")
     export.add_argument("out", help="output directory")
@@ -169,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter directory (ours or HF PEFT's)")
     merge.add_argument("--out", required=True, help="merged checkpoint, same format as --base")
     merge.set_defaults(func=_cmd_merge)
+    convert = sub.add_parser("convert", help="PiSSA/OLoRA adapter -> plain LoRA (rank 2r) for the "
+                                             "original base model")
+    convert.add_argument("--adapter", required=True, help="PiSSA/OLoRA adapter dir, or a root with 'latest'")
+    convert.add_argument("--initial", help="the run's initial adapter (default: 'initial' beside the step dir)")
+    convert.add_argument("out", help="output adapter directory")
+    convert.set_defaults(func=_cmd_convert)
     inspect = sub.add_parser("inspect", help="describe an adapter directory")
     inspect.add_argument("dir", help="adapter directory, or a root with 'latest'")
     inspect.set_defaults(func=_cmd_inspect)

@@ -67,3 +67,20 @@ def pet_config_over_tiny(pet: dict) -> dict:
     accepted = pet_type_config_class(pet["pet_type"]).DEFAULTS
     inherited = ("lora_rank", "lora_alpha", "lora_dropout")
     return {**{k: None for k in inherited if k not in accepted and k not in pet}, **pet}
+
+
+class CallbackContext:
+    """The run_context a callback sees in MindSpore's training loop, for driving one in-process."""
+
+    def __init__(self, network, step, loss=1.0):
+        from types import SimpleNamespace
+        import mindspore as ms
+        self.params = SimpleNamespace(train_network=network, cur_step_num=step,
+                                      net_outputs=(ms.Tensor(loss, ms.float32),), optimizer=None)
+        self.stopped = False
+
+    def original_args(self):
+        return self.params
+
+    def request_stop(self):
+        self.stopped = True

@@ -11,7 +11,7 @@ import pytest
 import yaml
 import mindspore as ms
 
-from conftest import ROOT, RUN_MINDFORMER, run_fresh
+from conftest import ROOT, RUN_MINDFORMER, CallbackContext, run_fresh
 
 DORA = os.path.join(ROOT, "configs", "tiny", "dora.yaml")
 
@@ -132,19 +132,6 @@ def test_cli_merge_equals_adapter_forward_and_merge_on_end(run_a, base_model, tm
     np.testing.assert_allclose(plain(ids)[0].asnumpy(), adapted(ids)[0].asnumpy(), rtol=1e-4, atol=1e-4)
 
 
-class _Context:
-    def __init__(self, network, step, loss):
-        self.params = SimpleNamespace(train_network=network, cur_step_num=step,
-                                      net_outputs=(ms.Tensor(loss, ms.float32),), optimizer=None)
-        self.stopped = False
-
-    def original_args(self):
-        return self.params
-
-    def request_stop(self):
-        self.stopped = True
-
-
 @pytest.mark.parametrize("losses,stops_at", [([1.0, math.nan, 2.0, math.inf, math.nan, 1.0], 5),
                                              ([1.0, math.nan, 1.0, math.nan, 1.0], None)])
 def test_nan_guard_stops_and_keeps_the_last_good_adapter(tiny_config, tmp_path, losses, stops_at):
@@ -152,9 +139,9 @@ def test_nan_guard_stops_and_keeps_the_last_good_adapter(tiny_config, tmp_path, 
     from mindformers_lora_ext.callbacks import AdapterCheckpoint, TrainingDivergedError
     net = build_network(tiny_config.model)
     cb = AdapterCheckpoint(save_steps=1, nan_patience=2, output_dir=str(tmp_path / "adapters"))
-    cb.on_train_begin(_Context(net, 0, 0.0))
+    cb.on_train_begin(CallbackContext(net, 0, 0.0))
     for step, loss in enumerate(losses, start=1):
-        ctx = _Context(net, step, loss)
+        ctx = CallbackContext(net, step, loss)
         cb.on_train_step_end(ctx)
         if ctx.stopped:
             break

@@ -25,6 +25,7 @@ from mindformers_lora_ext.tuners.base_layer import param_array
 from mindformers_lora_ext.tuners.loha import LohaLinear
 from mindformers_lora_ext.tuners.lokr import LokrLinear, lokr_shapes
 from mindformers_lora_ext.tuners.vera import VeraLinear, vera_projections
+from conftest import CallbackContext
 
 RNG = np.random.default_rng(2024)
 TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -784,25 +785,16 @@ def test_peft_vera_without_projections_is_refused(tiny_config, tmp_path):
         load_adapter(net.network, str(tmp_path / "peft"))
 
 
-class _Context:
-    def __init__(self, network, step):
-        self.params = SimpleNamespace(train_network=network, cur_step_num=step,
-                                      net_outputs=(ms.Tensor(1.0, ms.float32),), optimizer=None)
-
-    def original_args(self):
-        return self.params
-
-
 @pytest.mark.parametrize("kind", ["vera", "loha", "lokr"])
 def test_adapter_checkpoint_saves_peft_dirs_and_merges(tiny_config, tmp_path, kind):
     from mindformers_lora_ext.callbacks import AdapterCheckpoint
     net = _adapted(tiny_config, kind)
     expected = _logits(net)
     cb = AdapterCheckpoint(save_steps=2, output_dir=str(tmp_path / "adapters"), merge_on_end=True)
-    cb.on_train_begin(_Context(net, 0))
+    cb.on_train_begin(CallbackContext(net, 0))
     for step in (1, 2, 3):
-        cb.on_train_step_end(_Context(net, step))
-    cb.on_train_end(_Context(net, 3))
+        cb.on_train_step_end(CallbackContext(net, step))
+    cb.on_train_end(CallbackContext(net, 3))
     root = str(tmp_path / "adapters")
     assert [n for n, _ in adapter_files.step_dirs(root)] == [2, 3]
     config, tensors = adapter_files.read_adapter_dir(adapter_files.resolve_adapter_dir(root))
