@@ -350,6 +350,7 @@ class AdaLoraRankAllocator(Callback):
                             f"got {type(self._wrapper).__name__}")
         ranks = {name: layer.rank for name, layer in self._model.adalora_layers().items()}
         self.allocator = RankAllocator(self._model.config.pet_config, ranks)
+        self._model.tap_reader_attached = True
 
     def on_train_step_end(self, run_context):
         step = run_context.original_args().cur_step_num

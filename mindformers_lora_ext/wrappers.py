@@ -39,10 +39,14 @@ class CpuSafeTrainOneStepCell(MFTrainOneStepCell):
         """Gradient buffers for the parameters the network asks to observe (AdaLoRA's
         sensitivities): ``grad_tap_names()`` on any of its cells."""
         wanted = []
+        # a bound method, not the cell: a Cell attribute would register the cell a second time
+        self._missing_tap_reader = None
         for _, cell in self.network.cells_and_names():
             if hasattr(cell, "grad_tap_names"):
                 wanted = list(cell.grad_tap_names())
+                self._missing_tap_reader = getattr(cell, "missing_tap_reader", None)
                 break
+        self._tap_reader_checked = False
         position = {p.name: i for i, p in enumerate(self.weights)}
         missing = [n for n in wanted if n not in position]
         if missing:
@@ -51,6 +55,16 @@ class CpuSafeTrainOneStepCell(MFTrainOneStepCell):
         self.grad_taps = ParameterTuple(
             Parameter(Tensor(np.zeros(self.weights[i].shape, np.float32)), name=f"grad_tap.{self.weights[i].name}",
                       requires_grad=False) for i in self.tap_index)
+
+    def __call__(self, *args, **kwargs):
+        # Taps are only useful if a callback reads them (AdaLoRA: without its rank allocator the
+        # ranks never shrink). Checked at the first step: callbacks' on_train_begin ran by then.
+        if not self._tap_reader_checked:
+            self._tap_reader_checked = True
+            problem = self._missing_tap_reader() if self._missing_tap_reader else None
+            if problem:
+                raise ValueError(problem)
+        return super().__call__(*args, **kwargs)
 
     def get_overflow_status(self, status, compute_output):
         # compute_output: the unscaled, all-reduced gradients, in optimizer order

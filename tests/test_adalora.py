@@ -146,3 +146,23 @@ def test_adalora_e2e_ranks_shrink_and_the_pruned_adapter_reloads(tmp_path, tiny_
     adapted.set_train(False)
     merged.set_train(False)
     np.testing.assert_allclose(adapted(ids)[0].asnumpy(), merged(ids)[0].asnumpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_training_without_the_rank_allocator_is_refused_at_the_first_step(tiny_config):
+    from mindspore import nn
+    from mindformers.models.build_model import build_network
+    from mindformers.tools.register.config import DictConfig
+    from mindformers_lora_ext.callbacks import AdaLoraRankAllocator
+    from mindformers_lora_ext.wrappers import CpuSafeTrainOneStepCell
+    from conftest import CallbackContext
+    tiny_config.model.model_config.pet_config = DictConfig(
+        pet_type="adalora", init_r=4, target_r=2, total_step=8, target_modules=".*wq|.*wv")
+    net = build_network(tiny_config.model)
+    step = CpuSafeTrainOneStepCell(net, nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-3))
+    step.set_train(True)
+    ids = ms.Tensor(np.arange(2 * 33, dtype=np.int32).reshape(2, 33) % 128)
+    with pytest.raises(ValueError, match="no AdaLoraRankAllocator callback is attached"):
+        step(ids)
+    AdaLoraRankAllocator().on_train_begin(CallbackContext(step, 0))
+    loss = step(ids)[0].asnumpy()
+    assert np.isfinite(loss) and any(np.abs(g).max() > 0 for g in step.tapped_gradients().values())

@@ -119,6 +119,16 @@ class AdaLoraModel(AdditiveModel):
         self.num_orth = 2 * len(self._adapter_layers)
         # auto_prefix=False: a CellList would otherwise rename the layers' parameters
         self.layer_list = nn.CellList(list(self._adapter_layers.values()), auto_prefix=False)
+        self.tap_reader_attached = False  # set by AdaLoraRankAllocator.on_train_begin
+
+    def missing_tap_reader(self) -> Optional[str]:
+        """Why a training step must not run (no rank allocator reads the gradients), or None."""
+        if self.tap_reader_attached:
+            return None
+        return ("pet_type adalora shrinks ranks only through its rank allocator, and no "
+                "AdaLoraRankAllocator callback is attached: add `- type: AdaLoraRankAllocator` to "
+                "the YAML's callbacks (without it every cell would train at init_r, a plain SVD-form "
+                "LoRA, and no rank_pattern would be saved)")
 
     def prepare_targets(self, base_model, targets):
         """Cells the rank pattern prunes to rank 0 stay plain base cells (their dW is 0)."""
