@@ -19,6 +19,10 @@ LORA_TYPES = ["lora_ext", "dora", "rslora", "pissa", "olora"]
 KEYS = {**{t: dict(lora_rank=8, lora_alpha=16) for t in LORA_TYPES},
         "vera": dict(r=16), "loha": dict(r=4, alpha=8), "lokr": dict(r=4, alpha=8),
         "adalora": dict(init_r=8, target_r=4, total_step=32, lora_alpha=16)}
+# served with dropout configured: eval/predict must not apply it (the comparisons are exact)
+SERVE_DROPOUT = {**{t: dict(lora_dropout=0.3) for t in LORA_TYPES + ["adalora"]}, "vera": dict(vera_dropout=0.3),
+                 "loha": dict(rank_dropout=0.3, module_dropout=0.3),
+                 "lokr": dict(rank_dropout=0.3, module_dropout=0.3, rank_dropout_scale=True)}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,8 @@ def _adapter_dir(tiny_config, base_ckpt, pet_type, directory):
 
 def _served(tiny_config, base_ckpt, pet_type, directory, **extra):
     """How one serves: the base checkpoint plus pet_config.adapter_path."""
-    tiny_config.model.model_config.pet_config = _pet(pet_type, adapter_path=str(directory), **extra)
+    tiny_config.model.model_config.pet_config = _pet(pet_type, adapter_path=str(directory),
+                                                     **SERVE_DROPOUT[pet_type], **extra)
     net = build_network(tiny_config.model)
     ms.load_param_into_net(net, ms.load_checkpoint(base_ckpt))
     return net
@@ -61,7 +66,8 @@ def _served(tiny_config, base_ckpt, pet_type, directory, **extra):
 def _served_like_mindformers(tiny_config, base_ckpt, pet_type, directory, **extra):
     """What eval/predict do: build under no_init_parameters, set_train(False), then load."""
     from mindspore.nn.utils import no_init_parameters
-    tiny_config.model.model_config.pet_config = _pet(pet_type, adapter_path=str(directory), **extra)
+    tiny_config.model.model_config.pet_config = _pet(pet_type, adapter_path=str(directory),
+                                                     **SERVE_DROPOUT[pet_type], **extra)
     with no_init_parameters():
         net = build_network(tiny_config.model)
     net.set_train(False)
