@@ -117,6 +117,10 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+_INSPECT_SHOWN_ELSEWHERE = {"peft_type", "mindformers_pet_type", "target_modules", "rank_pattern", "task_type",
+                            "base_model_name_or_path", "inference_mode", "fan_in_fan_out", "bias"}
+
+
 def _cmd_inspect(args) -> int:
     # pylint: disable=import-outside-toplevel
     import math
@@ -126,10 +130,10 @@ def _cmd_inspect(args) -> int:
     directory = adapter_files.resolve_adapter_dir(args.dir)
     config, tensors = adapter_files.read_adapter_dir(directory)
     print(f"adapter {directory}")
-    print(f"  type {config.get('peft_type')} (pet_type {config.get('mindformers_pet_type', '?')}), "
-          f"r {config.get('r')}, lora_alpha {config.get('lora_alpha')}, use_dora "
-          f"{config.get('use_dora')}, use_rslora {config.get('use_rslora')}, init "
-          f"{config.get('init_lora_weights')}")
+    # every method's own options (LoRA's r/lora_alpha/use_dora, VeRA's projection_prng_key, ...)
+    options = ", ".join(f"{k}={v}" for k, v in sorted(config.items())
+                        if k not in _INSPECT_SHOWN_ELSEWHERE and v is not None)
+    print(f"  type {config.get('peft_type')} (pet_type {config.get('mindformers_pet_type', '?')}): {options}")
     print(f"  targets {config.get('target_modules')}; rank_pattern {config.get('rank_pattern') or {}}")
     dtypes = sorted({str(v.dtype) for v in tensors.values()})
     print(f"  {len(tensors)} tensors, {sum(int(v.size) for v in tensors.values())} params, dtypes {dtypes}")

@@ -57,7 +57,7 @@ def test_inspect_and_errors(trained_checkpoint, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["inspect", str(tmp_path / "peft")]) == 0
     out = capsys.readouterr().out
-    assert "type LORA (pet_type dora), r 4" in out and "use_dora True" in out
+    assert "type LORA (pet_type dora): " in out and "r=4" in out and "use_dora=True" in out
     assert "norm layer 0:" in out and "norm layer 1:" in out
     os.unlink(tmp_path / "peft" / "adapter_model.safetensors")
     assert cli.main(["inspect", str(tmp_path / "peft")]) == 2
@@ -71,7 +71,7 @@ STRUCTURED = {"vera": dict(r=16, save_projection=True), "loha": dict(r=4, alpha=
 
 
 @pytest.mark.parametrize("pet_type", list(STRUCTURED) + ["vera_without_projections"])
-def test_export_of_a_run_checkpoint_equals_the_adapter_files(tiny_config, tmp_path, pet_type):
+def test_export_of_a_run_checkpoint_equals_the_adapter_files(tiny_config, tmp_path, capsys, pet_type):
     """export from a MindFormers run checkpoint writes what AdapterCheckpoint/save_adapter write."""
     from mindformers_lora_ext.adapter_files import read_adapter_dir
     from mindformers_lora_ext.peft_format import save_adapter
@@ -98,3 +98,10 @@ def test_export_of_a_run_checkpoint_equals_the_adapter_files(tiny_config, tmp_pa
     assert ("base_model.vera_A" in tensors) == (pet_type == "vera")
     for key, value in expected.items():
         assert np.array_equal(tensors[key], value), key
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "exported")]) == 0
+    out = capsys.readouterr().out
+    line = out.splitlines()[1]  # the method's own options, not LoRA's
+    assert line.startswith(f"  type {config['peft_type']} (pet_type {pet['pet_type']}): "), line
+    own = {"vera": "projection_prng_key=0", "loha": "r=4", "lokr": "decompose_factor=", "adalora": "init_r=8"}
+    assert own[pet["pet_type"]] in line and "use_dora" not in line, line
