@@ -28,13 +28,16 @@ def dataset(tmp_path_factory):
     return write_tiny_dataset(str(path), num_rows=64, seq_length=32, vocab_size=128)
 
 
-@pytest.mark.parametrize("name", ["lora_ext", "dora"])
+@pytest.mark.parametrize("name", ["lora_ext", "dora", "adalora"])
 def test_two_worker_data_parallel(tmp_path, dataset, name):
+    """adalora: the rank allocator on each worker reads the all-reduced gradient taps, so both
+    prune the same triplets (else the checksums below would differ)."""
+    allocator = [{"type": "AdaLoraRankAllocator"}] if name == "adalora" else []
     cfg = {"base_config": [os.path.join(ROOT, "configs", "tiny", f"{name}.yaml")],
            "use_parallel": True,
            "parallel": {"parallel_mode": 0, "gradients_mean": True},
            "parallel_config": {"data_parallel": 2},
-           "callbacks": [{"type": "MFLossMonitor"},
+           "callbacks": [{"type": "MFLossMonitor"}, *allocator,
                          {"type": "AdapterCheckpoint", "save_steps": 8,
                           "output_dir": str(tmp_path / "adapters")},
                          {"type": "TrainingSummary", "summary_file": str(tmp_path / "summary_{rank}.json")}]}
@@ -63,3 +66,6 @@ def test_two_worker_data_parallel(tmp_path, dataset, name):
     # only rank 0 writes adapter files
     assert re.search(r"saved adapter .*step_16", worker[0]) and "saved adapter" not in worker[1]
     assert sorted(os.listdir(tmp_path / "adapters")) == ["latest", "step_16", "step_8"]
+    if name == "adalora":  # ranks did shrink (init_r 8 x 8 cells = 64 triplets at the start)
+        saved = json.loads((tmp_path / "adapters" / "step_16" / "adapter_config.json").read_text())
+        assert 32 <= sum(sum(mask) for mask in saved["rank_pattern"].values()) < 64
