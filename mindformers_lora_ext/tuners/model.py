@@ -68,13 +68,13 @@ class AdapterModel(PreTrainedModel):
 
     def add_flags_recursive(self, **flags):
         """MindSpore's ``set_train`` reaches every cell through this; with ``merge_on_load`` it
-        is where the adapters get folded (see :meth:`merge_on_load`)."""
+        is where the adapters get folded (see :meth:`_merge_on_load_switch`)."""
         config = getattr(getattr(self, "config", None), "pet_config", None)
         if "training" in flags and getattr(config, "merge_on_load", False):
-            self.merge_on_load(bool(flags["training"]))
+            self._merge_on_load_switch(bool(flags["training"]))
         return super().add_flags_recursive(**flags)
 
-    def merge_on_load(self, training: bool):
+    def _merge_on_load_switch(self, training: bool):
         """``merge_on_load: true``: fold the adapters on the first switch to inference at which
         every weight they touch holds data, so the graph compiled next is the base model's.
 
