@@ -1,11 +1,14 @@
 """What ``run_mindformer.py``'s ``main()`` and MindFormers' trainer build before the first step,
 shared by the step-time benchmarks: the network (with its pet type), optimizer and train wrapper."""
+import os
+
 import mindspore as ms
 from mindformers.core.context import build_context
 from mindformers.core.lr import build_lr
 from mindformers.core.optim import build_optim
 from mindformers.core.parallel_config import build_parallel_config
 from mindformers.models.build_model import build_network
+from mindformers.tools.register import MindFormerConfig
 from mindformers.trainer.optimizer_grouped_parameters import get_optimizer_grouped_parameters
 from mindformers.wrapper import build_wrapper
 
@@ -13,6 +16,21 @@ try:
     from mindformers.tools import set_output_path
 except ImportError:  # MindFormers 1.9.0
     from mindformers.utils.file_utils import set_output_path
+
+
+TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "tiny", "lora_ext.yaml")
+
+
+def sized_config(dims: dict) -> MindFormerConfig:
+    """The tiny CPU config (its pet_config included) with the model dims and batch size of
+    ``dims``; MindFormers' outputs go to ./output."""
+    config = MindFormerConfig(TINY_CONFIG)
+    config.output_dir = os.path.join(os.getcwd(), "output")
+    config.runner_config.batch_size = config.train_dataset.batch_size = dims["batch_size"]
+    for key, value in dims.items():
+        config.model.model_config[key] = value
+    return config
 
 
 def build_train_step(config, total_steps: int, threads: int = 0):

@@ -32,8 +32,6 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(ROOT, "configs", "tiny", "lora_ext.yaml")
 MARK = "ADAPTER_STEP_TIME "
 TARGETS = ".*wq|.*wk|.*wv|.*wo"
 SETUPS = {
@@ -55,16 +53,11 @@ def run_child(spec):
     import numpy as np
     import mindspore as ms
     from mindformers.tools.register import MindFormerConfig
-    from _trainer_step import build_train_step  # pylint: disable=import-error
+    from _trainer_step import build_train_step, sized_config  # pylint: disable=import-error
 
     dims = SIZES[spec["size"]]
-    config = MindFormerConfig(TINY_CONFIG)
-    config.output_dir = os.path.join(os.getcwd(), "output")
-    config.runner_config.batch_size = config.train_dataset.batch_size = dims["batch_size"]
-    model_config = config.model.model_config
-    for key, value in dims.items():
-        model_config[key] = value
-    model_config.pet_config = MindFormerConfig(**dict(SETUPS[spec["setup"]], target_modules=TARGETS))
+    config = sized_config(dims)
+    config.model.model_config.pet_config = MindFormerConfig(**dict(SETUPS[spec["setup"]], target_modules=TARGETS))
 
     total_steps = spec["warmup"] + spec["steps"]
     network, wrapper = build_train_step(config, total_steps, spec["threads"])
@@ -75,8 +68,8 @@ def run_child(spec):
         raise RuntimeError(f"{spec['setup']}: no adapter was built (is mindformers-lora-ext installed?)")
     rng = np.random.default_rng(0)
     shape = (dims["batch_size"], dims["seq_length"] + 1)
-    input_ids = ms.Tensor(rng.integers(3, model_config.vocab_size, shape), ms.int32)
-    labels = ms.Tensor(rng.integers(3, model_config.vocab_size, shape), ms.int32)
+    input_ids = ms.Tensor(rng.integers(3, config.model.model_config.vocab_size, shape), ms.int32)
+    labels = ms.Tensor(rng.integers(3, config.model.model_config.vocab_size, shape), ms.int32)
     times, cpu_times, losses = [], [], []
     first = None
     for step in range(total_steps):

@@ -43,8 +43,6 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(ROOT, "configs", "tiny", "lora_ext.yaml")
 MARK = "STEP_TIME_RESULT "
 
 SETUPS = ("lora", "lora_ext", "dora", "full")
@@ -80,15 +78,11 @@ def run_child(spec):
     import mindspore as ms
     from mindformers.pet import is_supported_pet_type
     from mindformers.tools.register import MindFormerConfig
-    from _trainer_step import build_train_step  # pylint: disable=import-error
+    from _trainer_step import build_train_step, sized_config  # pylint: disable=import-error
 
     setup, dims = spec["setup"], SIZES[spec["size"]]
-    config = MindFormerConfig(TINY_CONFIG)
-    config.output_dir = os.path.join(os.getcwd(), "output")
-    config.runner_config.batch_size = config.train_dataset.batch_size = dims["batch_size"]
+    config = sized_config(dims)
     model_config = config.model.model_config
-    for key, value in dims.items():
-        model_config[key] = value
     pet_config = _pet_config(setup)
     if pet_config is None:
         del model_config["pet_config"]
