@@ -51,18 +51,16 @@ def _cmd_export(args) -> int:
         raise SystemExit("export of a MindSpore checkpoint needs --config: the run's YAML (its pet_config)")
     import mindspore as ms
     from mindformers.tools.register import MindFormerConfig
-    from mindformers_lora_ext.merge import adapter_cells, additive_math, is_adapter_tensor, GATES
+    from mindformers_lora_ext.merge import adapter_cells, is_adapter_tensor, GATES
     from mindformers_lora_ext.tuners.base_layer import param_array
     pet = _pet_config(dict(MindFormerConfig(args.config).model.model_config.pet_config))
     fmt = "safetensors" if args.adapter.endswith(".safetensors") else "ckpt"
     saved = tuple(pet.modules_to_save or ())
-    # VeRA with save_projection: false leaves the projections out, as its adapter files do
-    dropped = set(GATES) | (set(additive_math(pet).SHARED_PARAMS)
-                            if getattr(pet, "save_projection", True) is False else set())
+    shared = pet.file_shared_tensors()  # model-level tensors (no cell prefix) the files hold
     arrays = {}
     for name, param in ms.load_checkpoint(args.adapter, format=fmt).items():
         cell, _, attr = name.rpartition(".")
-        if (is_adapter_tensor(name) and attr not in dropped and name not in dropped) or \
+        if (is_adapter_tensor(name) and attr not in GATES and (cell or name in shared)) or \
                 any(cell == m or cell.endswith("." + m) for m in saved):
             arrays[name] = param_array(param)
     cells = adapter_cells(arrays, pet)  # gates dropped: merged cells' adapters are exported too

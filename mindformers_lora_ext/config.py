@@ -196,6 +196,10 @@ class AdapterConfig(PetConfig):
         """Name globs of the adapter parameters, for mindpet's glob-based freezing."""
         return [f"*.{param}" for param in self.ADAPTER_PARAMETERS]
 
+    def file_shared_tensors(self) -> tuple:
+        """Names of the frozen model-level tensors adapter files hold (VeRA's projections)."""
+        return ()
+
 
 def _check_adapter_path(value):
     """An adapter directory (or a checkpoint root holding ``latest`` / ``step_<N>``)."""
@@ -513,6 +517,10 @@ class VeraConfig(AdapterConfig):
         values["vera_dropout"] = _check_dropout("vera_dropout", values["vera_dropout"])
         values["d_initial"] = _check_finite("d_initial", values["d_initial"])
         return values
+
+    def file_shared_tensors(self) -> tuple:
+        """``vera_A`` / ``vera_B`` unless ``save_projection`` is false (PEFT's rule)."""
+        return ("vera_A", "vera_B") if self.save_projection else ()
 
     def module_options(self, name: str) -> VeraSpec:  # pylint: disable=unused-argument
         """VeRA's settings are the same for every target."""

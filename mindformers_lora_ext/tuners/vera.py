@@ -169,9 +169,7 @@ class VeraModel(AdditiveModel):
                           config.compute_dtype)
 
     def frozen_saved_parameters(self):
-        if not self.config.pet_config.save_projection:
-            return []
-        return [self._shared.vera_A, self._shared.vera_B]
+        return [getattr(self._shared, name) for name in self.config.pet_config.file_shared_tensors()]
 
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing
