@@ -60,6 +60,13 @@ def randomize_layer(layer, rng):
     return arrays
 
 
+LORA_TYPES = ["lora_ext", "dora", "rslora", "pissa", "olora"]
+# method keys of every pet type for the tiny Llama (its targets set separately)
+METHOD_KEYS = {**{t: dict(lora_rank=8, lora_alpha=16) for t in LORA_TYPES},
+               "vera": dict(r=16), "loha": dict(r=4, alpha=8), "lokr": dict(r=4, alpha=8),
+               "adalora": dict(init_r=8, target_r=4, total_step=32, lora_alpha=16)}
+
+
 def pet_config_over_tiny(pet: dict) -> dict:
     """``pet`` as a YAML pet_config on top of TINY_CONFIG: each key of lora_ext.yaml's pet_config
     that ``pet["pet_type"]`` does not take is set to null, which cancels the inherited key."""

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 from mindformers.models.build_model import build_network
 from mindformers.tools.register.config import DictConfig
 from mindformers_lora_ext import cli
-from conftest import TINY_CONFIG, pet_config_over_tiny
+from conftest import METHOD_KEYS, TINY_CONFIG, pet_config_over_tiny
 
 
 @pytest.fixture
@@ -66,8 +66,7 @@ def test_inspect_and_errors(trained_checkpoint, tmp_path, capsys):
         cli.main(["export", "--adapter", str(ckpt), str(tmp_path / "x")])
 
 
-STRUCTURED = {"vera": dict(r=16, save_projection=True), "loha": dict(r=4, alpha=8),
-              "lokr": dict(r=4, alpha=8), "adalora": dict(init_r=8, target_r=4, total_step=32, lora_alpha=16)}
+STRUCTURED = {t: METHOD_KEYS[t] for t in ("vera", "loha", "lokr", "adalora")}
 
 
 @pytest.mark.parametrize("pet_type", list(STRUCTURED) + ["vera_without_projections"])

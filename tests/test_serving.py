@@ -12,13 +12,8 @@ from mindformers.models.build_model import build_model, build_network
 from mindformers.tools.register.config import DictConfig
 from mindformers_lora_ext.merge import merge_checkpoint
 from mindformers_lora_ext.peft_format import save_adapter
-from conftest import ROOT, RUN_MINDFORMER, pet_config_over_tiny, run_fresh
+from conftest import LORA_TYPES, METHOD_KEYS, ROOT, RUN_MINDFORMER, pet_config_over_tiny, run_fresh
 
-LORA_TYPES = ["lora_ext", "dora", "rslora", "pissa", "olora"]
-# the method keys of each pet type (targets: q/k/v/o)
-KEYS = {**{t: dict(lora_rank=8, lora_alpha=16) for t in LORA_TYPES},
-        "vera": dict(r=16), "loha": dict(r=4, alpha=8), "lokr": dict(r=4, alpha=8),
-        "adalora": dict(init_r=8, target_r=4, total_step=32, lora_alpha=16)}
 # served with dropout configured: eval/predict must not apply it (the comparisons are exact)
 SERVE_DROPOUT = {**{t: dict(lora_dropout=0.3) for t in LORA_TYPES + ["adalora"]}, "vera": dict(vera_dropout=0.3),
                  "loha": dict(rank_dropout=0.3, module_dropout=0.3),
@@ -37,7 +32,7 @@ def base_ckpt(tmp_path_factory):
 
 
 def _pet(pet_type, **extra):
-    return DictConfig(pet_type=pet_type, target_modules=".*wq|.*wk|.*wv|.*wo", **KEYS[pet_type], **extra)
+    return DictConfig(pet_type=pet_type, target_modules=".*wq|.*wk|.*wv|.*wo", **METHOD_KEYS[pet_type], **extra)
 
 
 def _adapter_dir(tiny_config, base_ckpt, pet_type, directory):
@@ -85,7 +80,7 @@ def _greedy(net, ids):
     return np.asarray(net.generate(ids, max_length=16, do_sample=False)[0])
 
 
-@pytest.mark.parametrize("pet_type", list(KEYS))
+@pytest.mark.parametrize("pet_type", list(METHOD_KEYS))
 def test_greedy_generation_same_merged_and_unmerged(tiny_config, base_ckpt, tmp_path, pet_type):
     _adapter_dir(tiny_config, base_ckpt, pet_type, tmp_path / "adapter")
     if pet_type in ("pissa", "olora"):  # their adapters belong to the residual base they trained on
@@ -150,7 +145,7 @@ def _eval_config(tmp_path, pet_type, adapter, data, **extra):
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize("pet_type,merge_on_load", [("lora_ext", False), ("dora", False)]
-                         + [(t, True) for t in KEYS])
+                         + [(t, True) for t in METHOD_KEYS])
 def test_eval_perplexity_through_launcher_matches_logits(tiny_config, base_ckpt, tmp_path, pet_type,
                                                          merge_on_load):
     """Eval of every pet type (merged on load, and unmerged for two) gives the perplexity of the
