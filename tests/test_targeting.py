@@ -4,7 +4,7 @@ import pytest
 from mindspore import nn
 
 from mindformers.modules.layers import Linear
-from mindformers_lora_ext.tuners.targeting import find_cells, find_targets, layer_index
+from mindformers_lora_ext.tuners.targeting import checkpoint_prefix, find_cells, find_targets, layer_index
 
 
 class _Block(nn.Cell):
@@ -56,3 +56,22 @@ def test_find_cells_for_modules_to_save():
     assert list(find_cells(net, "modules_to_save", ["2.lm_head"])) == ["layers.2.lm_head"]
     with pytest.raises(ValueError, match="modules_to_save entry 'head' matches no cell of _Stack"):
         find_cells(net, "modules_to_save", ["lm_head", "head"])
+
+
+class _Unprefixed(nn.Cell):
+    """As mcore Qwen3's ForCausalLM: built with auto_prefix=False, so its ``model`` child's
+    parameters carry no ``model.`` prefix while the cell path has one."""
+
+    def __init__(self):
+        super().__init__(auto_prefix=False)
+        self.model = _Stack()
+
+
+def test_checkpoint_prefix_is_the_base_weight_name_not_the_cell_path():
+    net = _Unprefixed()
+    cells = dict(net.cells_and_names())
+    assert cells["model.layers.1.wq"].weight.name == "layers.1.wq.weight"
+    assert checkpoint_prefix("model.layers.1.wq", cells["model.layers.1.wq"]) == "layers.1.wq"
+    plain = _Stack()
+    assert checkpoint_prefix("layers.1.wq", dict(plain.cells_and_names())["layers.1.wq"]) == "layers.1.wq"
+    assert checkpoint_prefix("proj", nn.Dense(2, 2)) == "proj"  # a lone cell: its weight is "weight"

@@ -27,6 +27,7 @@ from mindspore.ops import operations as P
 
 from mindformers_lora_ext.tuners.additive import AdditiveLinear, AdditiveModel, DeltaMath
 from mindformers_lora_ext.tuners.sharding import adalora_strategies
+from mindformers_lora_ext.tuners.targeting import checkpoint_prefix
 from mindformers_lora_ext import _boot
 
 PARAMS = ("lora_A", "lora_B", "lora_E")
@@ -132,10 +133,12 @@ class AdaLoraModel(AdditiveModel):
 
     def prepare_targets(self, base_model, targets):
         """Cells the rank pattern prunes to rank 0 stay plain base cells (their dW is 0)."""
-        pattern = self.config.pet_config.rank_pattern
-        del base_model
-        for name in [t for t in targets if pattern and pattern.get(t) is not None and not any(pattern[t])]:
-            targets.remove(name)
+        pattern = self.config.pet_config.rank_pattern or {}
+        cells = dict(base_model.cells_and_names())
+        for path in list(targets):
+            mask = pattern.get(checkpoint_prefix(path, cells[path]))  # keyed like adapter_names
+            if mask is not None and not any(mask):
+                targets.remove(path)
 
     def orth_loss(self):
         total = 0.0

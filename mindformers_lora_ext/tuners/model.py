@@ -14,7 +14,7 @@ from mindformers.tools.logger import logger
 
 from mindformers_lora_ext.config import KEY_PREFIX
 from mindformers_lora_ext.tuners.base_layer import param_array
-from mindformers_lora_ext.tuners.targeting import find_cells, find_targets, replace_cells
+from mindformers_lora_ext.tuners.targeting import checkpoint_prefix, find_cells, find_targets, replace_cells
 from mindformers_lora_ext import _boot
 
 # PetModel forwards these to its network (us); we forward them to the base model.
@@ -43,10 +43,13 @@ class AdapterModel(PreTrainedModel):
                 raise ValueError(f"{KEY_PREFIX}.modules_to_save cell {name!r} overlaps an adapter "
                                  f"target; a cell is either adapted or fully trained")
         self.prepare_targets(base_model, targets)
-        layers = replace_cells(base_model, targets, self.make_layer)
-        for name, layer in layers.items():
+        cells = dict(base_model.cells_and_names())
+        names = {path: checkpoint_prefix(path, cells[path]) for path in targets}
+        layers = replace_cells(base_model, targets, lambda path, cell: self.make_layer(names[path], cell))
+        # keyed, and their parameters named, by the base weight's prefix (see checkpoint_prefix)
+        self._adapter_layers: Dict[str, object] = {names[path]: layer for path, layer in layers.items()}
+        for name, layer in self._adapter_layers.items():
             layer.name_parameters(name)
-        self._adapter_layers: Dict[str, object] = layers
         self._modules_to_save: Dict[str, object] = saved
         self.network = base_model
         if config.adapter_path:
@@ -61,7 +64,7 @@ class AdapterModel(PreTrainedModel):
     LAYER = None  # the adapter cell class: LAYER(base_cell, spec, param_init_type, compute_dtype)
 
     def make_layer(self, name, base_cell):
-        """The adapter cell replacing ``base_cell`` (named ``name``)."""
+        """The adapter cell replacing ``base_cell``; ``name`` is its checkpoint prefix."""
         config = self.config.pet_config
         return self.LAYER(base_cell, config.module_options(name), config.param_init_type,
                           config.compute_dtype)
@@ -109,7 +112,8 @@ class AdapterModel(PreTrainedModel):
 
     @property
     def adapter_names(self) -> List[str]:
-        """Names of the adapted cells, in traversal order."""
+        """Checkpoint prefixes of the adapted cells (their base weights' names minus
+        ``.weight``), in traversal order."""
         return list(self._adapter_layers)
 
     def adapter_parameters(self) -> list:

@@ -115,6 +115,20 @@ def find_cells(network: nn.Cell, key: str, suffixes: Sequence[str]) -> Dict[str,
     return cells
 
 
+def checkpoint_prefix(path: str, cell: nn.Cell) -> str:
+    """The prefix ``cell``'s parameters carry in checkpoints: its weight's name minus
+    ``.weight``, else ``path`` (its cell path, for a weight named without one).
+
+    They differ where a parent cell was built with ``auto_prefix=False``: mcore Qwen3's
+    ``model.decoder.layers.0.mlp.linear_fc1`` holds ``decoder.layers.0.mlp.linear_fc1.weight``.
+    Adapter parameters take this prefix so run checkpoints, merges and adapter files name a
+    cell the way its base weight does.
+    """
+    weight = getattr(cell, "weight", None)
+    name = getattr(weight, "name", "") or ""
+    return name[: -len(".weight")] if name.endswith(".weight") else path
+
+
 def replace_cells(network: nn.Cell, names: Sequence[str],
                   make: Callable[[str, nn.Cell], nn.Cell]) -> Dict[str, nn.Cell]:
     """Replace each named cell by ``make(name, cell)``; returns name -> new cell.
