@@ -49,20 +49,17 @@ def _cmd_export(args) -> int:
         return 0
     if not args.config:
         raise SystemExit("export of a MindSpore checkpoint needs --config: the run's YAML (its pet_config)")
-    import mindspore as ms
     from mindformers.tools.register import MindFormerConfig
-    from mindformers_lora_ext.merge import adapter_cells, is_adapter_tensor, GATES
-    from mindformers_lora_ext.tuners.base_layer import param_array
+    from mindformers_lora_ext.merge import adapter_cells, is_adapter_tensor, load_run_checkpoint, GATES
     pet = _pet_config(dict(MindFormerConfig(args.config).model.model_config.pet_config))
-    fmt = "safetensors" if args.adapter.endswith(".safetensors") else "ckpt"
     saved = tuple(pet.modules_to_save or ())
     shared = pet.file_shared_tensors()  # model-level tensors (no cell prefix) the files hold
     arrays = {}
-    for name, param in ms.load_checkpoint(args.adapter, format=fmt).items():
+    for name, value in load_run_checkpoint(args.adapter).items():
         cell, _, attr = name.rpartition(".")
         if (is_adapter_tensor(name) and attr not in GATES and (cell or name in shared)) or \
                 any(cell == m or cell.endswith("." + m) for m in saved):
-            arrays[name] = param_array(param)
+            arrays[name] = value
     cells = adapter_cells(arrays, pet)  # gates dropped: merged cells' adapters are exported too
     if not cells:
         raise SystemExit(f"{args.adapter}: no adapter tensor of pet_type {pet.pet_type!r} (e.g. "

@@ -193,12 +193,28 @@ def save_mindspore_checkpoint(items: Iterable[Tuple[str, np.ndarray]], out: str)
             os.unlink(tmp)
 
 
+def optimizer_state_names(names: Iterable[str]) -> set:
+    """The names in a run checkpoint that hold an optimizer's per-parameter state, not a
+    parameter: ``<state>.<name of another tensor in it>`` (MindFormers' AdamW saves
+    ``adam_m.<param>`` / ``adam_v.<param>``, which end in ``.lora_A`` like the adapter itself)."""
+    names = set(names)
+    return {name for name in names if "." in name and name.split(".", 1)[1] in names}
+
+
+def load_run_checkpoint(path: str) -> Dict[str, np.ndarray]:
+    """A MindSpore checkpoint (.ckpt / .safetensors) as name -> array in its own dtype, without
+    optimizer state (:func:`optimizer_state_names`); step counters stay (they are no adapter)."""
+    params = ms.load_checkpoint(path, format=_format(path))
+    dropped = optimizer_state_names(params)
+    return {name: param_array(p) for name, p in params.items() if name not in dropped}
+
+
 def merge_checkpoint(src: str, out: str, pet_config,
                      adapter: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, int]:
     """Write ``out`` = MindSpore checkpoint ``src`` (.ckpt or .safetensors) with the adapters
-    merged and adapter tensors dropped; ``adapter`` (our parameter names) overrides the
-    adapter tensors in ``src``. Loads ``src`` whole. Returns counts."""
-    params = {name: param_array(p) for name, p in ms.load_checkpoint(src, format=_format(src)).items()}
+    merged and adapter tensors and optimizer state dropped; ``adapter`` (our parameter names)
+    overrides the adapter tensors in ``src``. Loads ``src`` whole. Returns counts."""
+    params = load_run_checkpoint(src)
     tensors = {name: value for name, value in params.items() if is_adapter_tensor(name)}
     tensors.update(adapter or {})
     merged = merged_values(params.get, tensors, pet_config, src)
