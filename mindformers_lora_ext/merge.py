@@ -21,10 +21,11 @@ from safetensors import safe_open
 from mindformers_lora_ext.config import AdaLoraConfig, LohaConfig, LokrConfig, LoraExtConfig, VeraConfig
 from mindformers_lora_ext.tuners.adalora import AdaLoraMath
 from mindformers_lora_ext.tuners.additive import GATE
-from mindformers_lora_ext.tuners.base_layer import param_array
+from mindformers_lora_ext.tuners.base_layer import EXPERT_PROJECTIONS, param_array
+from mindformers_lora_ext.tuners.experts import expert_weights_oi, expert_weights_stored, fold_experts
 from mindformers_lora_ext.tuners.loha import LohaMath
 from mindformers_lora_ext.tuners.lokr import LokrMath
-from mindformers_lora_ext.tuners.lora import merged_weight
+from mindformers_lora_ext.tuners.lora import Dora, Lora, merged_weight
 from mindformers_lora_ext.tuners.vera import VeraMath, vera_projections
 from mindformers_lora_ext import _boot
 
@@ -107,6 +108,28 @@ def merge_cell(cell: str, weight: np.ndarray, bias: Optional[np.ndarray],
     return new_weight, (bias.astype(np.float64) + spec.scaling * arrays["lora_B_bias"]).astype(bias.dtype)
 
 
+def expert_weight_name(cell: str) -> Optional[str]:
+    """``<experts>.weight1`` for a routed-experts projection ``<experts>.linear_fc1`` (fc2:
+    ``weight2``), else None."""
+    parent, _, projection = cell.rpartition(".")
+    return f"{parent}.{EXPERT_PROJECTIONS[projection]}" if parent and projection in EXPERT_PROJECTIONS else None
+
+
+def merge_expert_cell(cell: str, stored: np.ndarray, tensors: Dict[str, np.ndarray], pet_config) -> np.ndarray:
+    """The merged routed-experts weight (FFNGroupedGEMM's [E*in, out], in ``stored``'s dtype)
+    for the adapter of projection ``cell`` (A [E, r, in], B [E, out, r], DoRA m [E, out])."""
+    spec = pet_config.module_options(cell)
+    arrays = {name.rsplit(".", 1)[-1]: np.asarray(value, np.float64) for name, value in tensors.items()
+              if name.rsplit(".", 1)[0] == cell and name.rsplit(".", 1)[-1] not in GATES}
+    experts, rank, in_dim = arrays["lora_A"].shape
+    if rank != spec.rank or stored.shape != (experts * in_dim, arrays["lora_B"].shape[1]):
+        raise ValueError(f"{cell}: adapter of {experts} experts, rank {rank}, in {in_dim}, out "
+                         f"{arrays['lora_B'].shape[1]} does not fit base weight {stored.shape} at rank {spec.rank}")
+    merged, _ = fold_experts(expert_weights_oi(stored.astype(np.float64), experts), arrays, spec.scaling,
+                             Dora if pet_config.use_dora else Lora)
+    return expert_weights_stored(merged).astype(stored.dtype)
+
+
 def _oriented(cell, weight, out_dim, in_dim):
     """Whether ``weight`` is stored [in, out] (MindFormers' ``transpose_b=False``); a square
     weight, or one whose in-dim the adapter does not tell, is taken as [out, in] when it fits."""
@@ -166,6 +189,10 @@ def merged_values(get: Callable[[str], Optional[np.ndarray]], tensors: Dict[str,
     out = {}
     for cell in cells:
         weight = get(f"{cell}.weight")
+        expert_weight = expert_weight_name(cell) if weight is None else None
+        if expert_weight is not None and get(expert_weight) is not None:
+            out[expert_weight] = merge_expert_cell(cell, get(expert_weight), tensors, pet_config)
+            continue
         if weight is None:
             raise KeyError(f"{source} has no base weight {cell}.weight for adapter {cell}.lora_A")
         new_weight, new_bias = merge_cell(cell, weight, get(f"{cell}.bias"), tensors, pet_config)

@@ -28,6 +28,17 @@ def parallel_linear_types() -> tuple:
     return ColumnParallelLinear, RowParallelLinear
 
 
+# MoE routed experts (tuners/experts.py): virtual projection name -> FFNGroupedGEMM's Parameter
+EXPERT_PROJECTIONS = {"linear_fc1": "weight1", "linear_fc2": "weight2"}
+
+
+def expert_types() -> tuple:
+    """The routed-experts cell types adapters can target: mcore FFNGroupedGEMM (imported lazily)."""
+    # pylint: disable=import-outside-toplevel
+    from mindformers.parallel_core.training_graph.transformer.moe.ffn import FFNGroupedGEMM
+    return (FFNGroupedGEMM,)
+
+
 class AdoptedLinear(nn.Cell):
     """Base class of adapter cells: ``act(x W^T + b)`` of the adopted cell, plus a delta hook.
 

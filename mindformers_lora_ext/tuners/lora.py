@@ -219,9 +219,16 @@ def merged_weight(weight_oi: np.ndarray, arrays: Dict[str, np.ndarray], scaling:
 
 
 class LoraExtModel(AdapterModel):
-    """``pet_type: lora_ext`` and its presets (dora, rslora, pissa, olora)."""
+    """``pet_type: lora_ext`` and its presets (dora, rslora, pissa, olora); MoE routed experts
+    too (tuners/experts.py)."""
 
     LAYER = LoraLinear
+
+    def make_expert_layer(self, name, base_cell, projections):
+        from mindformers_lora_ext.tuners.experts import ExpertLoraLayer  # pylint: disable=import-outside-toplevel
+        config = self.config.pet_config
+        return ExpertLoraLayer(base_cell, {proj: config.module_options(f"{name}.{proj}") for proj in projections},
+                               config.param_init_type, config.compute_dtype, name)
 
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing

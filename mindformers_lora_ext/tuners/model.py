@@ -42,12 +42,23 @@ class AdapterModel(PreTrainedModel):
             if any(t == name or t.startswith(name + ".") or name.startswith(t + ".") for t in targets):
                 raise ValueError(f"{KEY_PREFIX}.modules_to_save cell {name!r} overlaps an adapter "
                                  f"target; a cell is either adapted or fully trained")
-        self.prepare_targets(base_model, targets)
         cells = dict(base_model.cells_and_names())
-        names = {path: checkpoint_prefix(path, cells[path]) for path in targets}
-        layers = replace_cells(base_model, targets, lambda path, cell: self.make_layer(names[path], cell))
+        order = list(targets)
+        experts: Dict[str, List[str]] = {}  # routed-experts cell -> its targeted projections
+        for path in [t for t in targets if t not in cells]:  # virtual <experts>.linear_fc1 names
+            parent, _, projection = path.rpartition(".")
+            experts.setdefault(parent, []).append(projection)
+            targets.remove(path)
+        self.prepare_targets(base_model, targets)
         # keyed, and their parameters named, by the base weight's prefix (see checkpoint_prefix)
-        self._adapter_layers: Dict[str, object] = {names[path]: layer for path, layer in layers.items()}
+        names = {path: checkpoint_prefix(path, cells[path]) for path in targets}
+        names.update({path: checkpoint_prefix(path, cells[path], "weight1") for path in experts})
+        layers = replace_cells(base_model, targets, lambda path, cell: self.make_layer(names[path], cell))
+        for path, layer in replace_cells(base_model, list(experts), lambda path, cell: self.make_expert_layer(
+                names[path], cell, experts[path])).items():
+            layers.update({f"{path}.{proj}": cell for proj, cell in layer.projections.items()})
+            names.update({f"{path}.{proj}": f"{names[path]}.{proj}" for proj in layer.projections})
+        self._adapter_layers: Dict[str, object] = {names[path]: layers[path] for path in order if path in layers}
         for name, layer in self._adapter_layers.items():
             layer.name_parameters(name)
         self._modules_to_save: Dict[str, object] = saved
@@ -68,6 +79,15 @@ class AdapterModel(PreTrainedModel):
         config = self.config.pet_config
         return self.LAYER(base_cell, config.module_options(name), config.param_init_type,
                           config.compute_dtype)
+
+    def make_expert_layer(self, name, base_cell, projections: List[str]):
+        """The cell replacing MoE routed experts ``base_cell`` (checkpoint prefix ``name``) with
+        adapters on ``projections`` (``linear_fc1`` / ``linear_fc2``); it exposes them as
+        ``.projections`` {name: adapter layer}. Only methods that implement it adapt experts."""
+        raise ValueError(
+            f"{KEY_PREFIX}.pet_type {self.config.pet_config.pet_type!r} cannot adapt MoE routed experts "
+            f"({name}: {', '.join(projections)}); the LoRA family (lora_ext, dora, rslora) can. Leave them "
+            f"out with exclude_layers: [experts], or name the other cells only")
 
     def add_flags_recursive(self, **flags):
         """MindSpore's ``set_train`` reaches every cell through this; with ``merge_on_load`` it

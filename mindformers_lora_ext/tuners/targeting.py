@@ -3,7 +3,8 @@
 Matching follows HF PEFT: a string ``target_modules`` is a regex that must match the whole
 cell name (``model.layers.0.attention.wq``); a list matches names equal to, or ending in
 ``.<item>``; ``all-linear`` takes every supported linear cell except the output head.
-``exclude_layers`` uses the same rules and wins over ``target_modules``.
+``exclude_layers`` uses the same rules and wins over ``target_modules``. MoE routed experts
+are matched by virtual projection names (see :func:`find_targets`).
 """
 import re
 from typing import Callable, Dict, List, Sequence, Union
@@ -11,7 +12,7 @@ from typing import Callable, Dict, List, Sequence, Union
 from mindspore import nn
 
 from mindformers_lora_ext.config import ALL_LINEAR, KEY_PREFIX
-from mindformers_lora_ext.tuners.base_layer import parallel_linear_types
+from mindformers_lora_ext.tuners.base_layer import EXPERT_PROJECTIONS, expert_types, parallel_linear_types
 from mindformers_lora_ext import _boot
 
 # Output heads that ``all-linear`` leaves alone, as PEFT does for the output embedding.
@@ -27,9 +28,16 @@ def supported_linear_types() -> tuple:
 
 
 def linear_cell_names(network: nn.Cell) -> List[str]:
-    """Names of every supported linear cell of ``network``, in traversal order."""
-    types = supported_linear_types()
-    return [name for name, cell in network.cells_and_names() if name and isinstance(cell, types)]
+    """Names of every supported linear cell of ``network`` (routed experts by their virtual
+    projection names), in traversal order."""
+    types, experts = supported_linear_types(), expert_types()
+    names = []
+    for name, cell in network.cells_and_names():
+        if name and isinstance(cell, experts):
+            names += [f"{name}.{proj}" for proj in EXPERT_PROJECTIONS]
+        elif name and isinstance(cell, types):
+            names.append(name)
+    return names
 
 
 def _matches(name: str, spec: Union[str, Sequence[str], None]) -> bool:
@@ -44,15 +52,22 @@ def find_targets(network: nn.Cell, target_modules, exclude_layers=None, layers_t
                  layers_pattern=None) -> List[str]:
     """Names of the cells to adapt, in traversal order.
 
-    ``layers_to_transform`` (layer indices) keeps only cells under ``.<pattern>.<index>.``
-    (``layers_pattern``, default HF PEFT's layers/h/blocks/layer).
+    MoE routed experts (tuners/experts.py) take part through their virtual projection names
+    ``<experts>.linear_fc1`` / ``<experts>.linear_fc2``: a pattern matching one of them, or the
+    experts cell itself (then both), adds those names; ``all-linear`` takes them too. The router
+    is never adapted. ``layers_to_transform`` (layer indices) keeps only cells under
+    ``.<pattern>.<index>.`` (``layers_pattern``, default HF PEFT's layers/h/blocks/layer).
     Raises ValueError if a matched cell is not a supported linear type, a requested layer
     index has no target, or nothing matched.
     """
     types = supported_linear_types()
+    experts = expert_types()
     targets: List[str] = []
     for name, cell in network.cells_and_names():
         if not name or any(name.startswith(t + ".") for t in targets):
+            continue
+        if isinstance(cell, experts):
+            targets += _expert_targets(name, target_modules, exclude_layers)
             continue
         if target_modules == ALL_LINEAR:
             hit = isinstance(cell, types) and name.rsplit(".", 1)[-1] not in OUTPUT_HEADS
@@ -61,10 +76,11 @@ def find_targets(network: nn.Cell, target_modules, exclude_layers=None, layers_t
         if not hit or _matches(name, exclude_layers):
             continue
         if not isinstance(cell, types):
+            router = " The MoE router is never adapted." if name.rsplit(".", 1)[-1] == "router" else ""
             raise ValueError(
                 f"{KEY_PREFIX}.target_modules = {target_modules!r} matches cell {name!r} of type "
                 f"{type(cell).__name__}, which is not a supported linear type "
-                f"({', '.join(t.__name__ for t in types)}). Narrow the pattern.")
+                f"({', '.join(t.__name__ for t in types + experts)}).{router} Narrow the pattern.")
         targets.append(name)
     if layers_to_transform is not None:
         targets = _in_layers(targets, layers_to_transform, layers_pattern)
@@ -73,6 +89,14 @@ def find_targets(network: nn.Cell, target_modules, exclude_layers=None, layers_t
             f"{KEY_PREFIX}.target_modules = {target_modules!r} (exclude_layers = {exclude_layers!r}) "
             f"matches no cell of {type(network).__name__}. {_linear_sample(network)}")
     return targets
+
+
+def _expert_targets(name, target_modules, exclude_layers) -> List[str]:
+    """The virtual projection names of experts cell ``name`` that the patterns select."""
+    whole = target_modules == ALL_LINEAR or _matches(name, target_modules)
+    return [f"{name}.{proj}" for proj in EXPERT_PROJECTIONS
+            if (whole or _matches(f"{name}.{proj}", target_modules))
+            and not _matches(name, exclude_layers) and not _matches(f"{name}.{proj}", exclude_layers)]
 
 
 def _linear_sample(network):
@@ -115,18 +139,18 @@ def find_cells(network: nn.Cell, key: str, suffixes: Sequence[str]) -> Dict[str,
     return cells
 
 
-def checkpoint_prefix(path: str, cell: nn.Cell) -> str:
-    """The prefix ``cell``'s parameters carry in checkpoints: its weight's name minus
-    ``.weight``, else ``path`` (its cell path, for a weight named without one).
+def checkpoint_prefix(path: str, cell: nn.Cell, attr: str = "weight") -> str:
+    """The prefix ``cell``'s parameters carry in checkpoints: the name of its ``attr`` Parameter
+    (its weight; ``weight1`` for routed experts) minus the last component, else ``path`` (its
+    cell path, for a weight named without a prefix, as in a cell built on its own).
 
     They differ where a parent cell was built with ``auto_prefix=False``: mcore Qwen3's
     ``model.decoder.layers.0.mlp.linear_fc1`` holds ``decoder.layers.0.mlp.linear_fc1.weight``.
     Adapter parameters take this prefix so run checkpoints, merges and adapter files name a
     cell the way its base weight does.
     """
-    weight = getattr(cell, "weight", None)
-    name = getattr(weight, "name", "") or ""
-    return name[: -len(".weight")] if name.endswith(".weight") else path
+    name = getattr(getattr(cell, attr, None), "name", "") or ""
+    return name.rpartition(".")[0] or path
 
 
 def replace_cells(network: nn.Cell, names: Sequence[str],
