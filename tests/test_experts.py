@@ -95,3 +95,97 @@ def test_merge_of_expert_adapter_checks_shapes():
     wrong = {"mlp.experts.weight1": np.zeros(((E - 1) * HIDDEN, 2 * FFN), np.float32)}
     with pytest.raises(ValueError, match=r"mlp.experts.linear_fc1: adapter of 4 experts, rank 4, in 16"):
         merged_values(wrong.get, _expert_adapter(rng, cell, 4, False), pet, "test")
+
+
+# ---- forward: ExpertLoraLayer against a numpy MoE, on CPU through the test-side stand-ins ----
+
+TOKENS, TOPK = 12, 2
+
+
+@pytest.fixture
+def cpu_experts(monkeypatch):
+    """The MoE CPU stand-ins (tests/mcore_cpu_moe.py), also for our layer's grouped matmul."""
+    import mcore_cpu_moe
+    from mindformers_lora_ext.tuners import experts
+    mcore_cpu_moe.install()
+    monkeypatch.setattr(experts, "grouped_matmul", mcore_cpu_moe.cpu_grouped_matmul)
+    monkeypatch.setattr(experts, "swiglu", mcore_cpu_moe.cpu_swiglu)
+    return experts
+
+
+def _silu(v):
+    return v / (1 + np.exp(-v))
+
+
+def _numpy_moe(x, probs, routing, fc1, fc2):
+    """sum_k probs[n, k] * fc2_e(swiglu(fc1_e(x_n))) with e = routing[n, k]; fc*(e, v) -> [.., out]."""
+    out = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for k in range(routing.shape[1]):
+            e = routing[n, k]
+            gate, up = np.split(fc1(e, x[n]), 2)
+            out[n] += probs[n, k] * fc2(e, _silu(gate) * up)
+    return out
+
+
+def _inputs(rng):
+    x = rng.standard_normal((1, TOKENS, HIDDEN)).astype(np.float32)
+    routing = np.stack([rng.choice(E, TOPK, replace=False) for _ in range(TOKENS)]).astype(np.int32)
+    routing[0] = [0, 1]  # expert 3 gets no token: an empty group
+    routing[routing == 3] = 2
+    routing[np.arange(TOKENS), 1] = np.where(routing[:, 0] == routing[:, 1], (routing[:, 0] + 1) % 3, routing[:, 1])
+    probs = rng.uniform(0.1, 1.0, (1, TOKENS, TOPK)).astype(np.float32)
+    return x, probs, routing[None]
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "fc2_only"])
+def test_expert_adapter_forward_matches_numpy(cpu_experts, variant):
+    import mindspore as ms
+    from mindformers_lora_ext.config import LoraSpec
+    rng = np.random.default_rng(3)
+    base = FFNGroupedGEMM(moe_config())
+    x, probs, routing = _inputs(rng)
+    args = [ms.Tensor(v) for v in (x, probs, routing)]
+    w1 = base.weight1.asnumpy().reshape(E, HIDDEN, 2 * FFN).astype(np.float64)
+    w2 = base.weight2.asnumpy().reshape(E, FFN, HIDDEN).astype(np.float64)
+    plain = _numpy_moe(x[0].astype(np.float64), probs[0], routing[0], lambda e, v: v @ w1[e], lambda e, v: v @ w2[e])
+    np.testing.assert_allclose(base(*args).asnumpy()[0], plain, rtol=1e-4, atol=1e-5)  # the reference is right
+
+    dora = variant == "dora"
+    spec = LoraSpec(rank=4, alpha=8, scaling=2.0, dropout=0.0, init=True, use_dora=dora, lora_bias=False)
+    projections = ["linear_fc2"] if variant == "fc2_only" else ["linear_fc1", "linear_fc2"]
+    layer = cpu_experts.ExpertLoraLayer(base, {p: spec for p in projections})
+    np.testing.assert_allclose(layer(*args).asnumpy()[0], plain, rtol=1e-4, atol=1e-5)  # B = 0: the base
+    arrays = {}
+    for proj, cell in layer.projections.items():
+        for param in cell.adapter_parameters():
+            value = rng.standard_normal(param.shape).astype(np.float32) * 0.3
+            if param.name.endswith("magnitude_vector"):
+                value = np.abs(value) + 0.5
+            param.set_data(ms.Tensor(value))
+            arrays[(proj, param.name.rsplit(".", 1)[-1])] = value.astype(np.float64)
+
+    def projection(proj, weights):
+        def apply(e, v):
+            if (proj, "lora_A") not in arrays:
+                return v @ weights[e]
+            a, b = arrays[(proj, "lora_A")][e], arrays[(proj, "lora_B")][e]
+            y = v @ weights[e] + 2.0 * (v @ a.T) @ b.T
+            if dora:  # m * (W + sBA) / ||W + sBA|| per output feature, W_oi = weights[e].T
+                norm = np.linalg.norm(weights[e].T + 2.0 * b @ a, axis=1)
+                y = y * arrays[(proj, "lora_magnitude_vector")][e] / norm
+            return y
+        return apply
+
+    expected = _numpy_moe(x[0].astype(np.float64), probs[0], routing[0], projection("linear_fc1", w1),
+                          projection("linear_fc2", w2))
+    got = layer(*args).asnumpy()[0]
+    assert np.abs(expected - plain).max() > 0.1 * np.abs(plain).max()  # the adapter acts
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    for cell in layer.projections.values():  # merge folds it; unmerge restores
+        cell.merge()
+    np.testing.assert_allclose(base(*args).asnumpy()[0], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer(*args).asnumpy()[0], expected, rtol=1e-4, atol=1e-5)  # compiled before
+    for cell in layer.projections.values():
+        cell.unmerge()
+    np.testing.assert_allclose(base(*args).asnumpy()[0], plain, rtol=1e-4, atol=1e-5)

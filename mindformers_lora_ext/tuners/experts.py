@@ -85,11 +85,10 @@ class ExpertProjectionLora(nn.Cell):
         self.lora_B = Parameter(initializer(init_b, [experts, out_dim, spec.rank], dtype), name="lora_B")
         self.lora_active = Parameter(Tensor(1.0, mstype.float32), name="lora_active", requires_grad=False)
         self.variant = Dora if spec.use_dora else Lora
-        if spec.use_dora:
-            self.lora_magnitude_vector = Parameter(
-                initializer(FromBase(lambda: self._adapted_norms(self.adapter_arrays())), [experts, out_dim],
-                            dtype), name="lora_magnitude_vector")
         self.use_dora = spec.use_dora
+        if spec.use_dora:  # starts at ||W_e + s B_e A_e||: the adapted experts start out as their LoRA form
+            self.lora_magnitude_vector = Parameter(
+                initializer(FromBase(self._adapted_norms), [experts, out_dim], dtype), name="lora_magnitude_vector")
         self.dropout_active = spec.dropout > 0
         self.lora_dropout = nn.Dropout(p=spec.dropout) if self.dropout_active else nn.Identity()
         self.cast = P.Cast()
@@ -146,8 +145,10 @@ class ExpertProjectionLora(nn.Cell):
         """The base weight as float64 [E, out, in] (each expert in LoRA's [out, in] layout)."""
         return expert_weights_oi(to_numpy(self.weight), self.experts)
 
-    def _adapted_norms(self, arrays) -> np.ndarray:
+    def _adapted_norms(self) -> np.ndarray:
+        """||W_e + s B_e A_e|| per output feature, float64 [E, out]."""
         weights = self.weight_arrays()
+        arrays = {"lora_A": to_numpy(self.lora_A), "lora_B": to_numpy(self.lora_B)}
         return np.stack([np.linalg.norm(weights[e] + delta_weight_array(expert_slice(arrays, e), self.scaling),
                                         axis=1) for e in range(self.experts)])
 
