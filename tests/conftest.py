@@ -1,7 +1,10 @@
-"""Shared fixtures: one tiny Llama config, helpers for fresh-interpreter runs."""
+"""Shared fixtures: one tiny Llama config, helpers for fresh-interpreter runs, mcore mode."""
+import contextlib
+import importlib
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -91,3 +94,103 @@ class CallbackContext:
 
     def request_stop(self):
         self.stopped = True
+
+
+@contextlib.contextmanager
+def mindformers_context(use_legacy):
+    """MindFormers' context singletons for one build, as ``build_context`` would make them from a
+    YAML with this top-level ``use_legacy``, then the previous state back.
+
+    MindFormers reads ``use_legacy`` only from its context (``is_legacy_model()``: the
+    ``MFContextOperator`` singleton's value, True when there is none), and the registry shows
+    mcore classes (``register(..., legacy=False)``) only when it is False. mcore model classes
+    also pick their implementation from ``get_context("mode")``, the graph mode cached in the
+    ``Context`` singleton, which an implicit ``Context()`` would set to MindFormers' default,
+    PyNative. MindSpore allows ``set_cpu_affinity`` once per process, so the affinity call that
+    ``Context`` makes is skipped here.
+    """
+    import mindspore as ms
+    from mindformers.tools.register import MindFormerConfig
+    # the module (mindformers.core.context re-exports its function build_context under its name)
+    ctx_module = importlib.import_module("mindformers.core.context.build_context")
+    context_cls, operator_cls = ctx_module.Context, ctx_module.MFContextOperator
+    saved_instances = (context_cls._instance, operator_cls._instance)
+    saved_environ, saved_mode = dict(os.environ), ms.get_context("mode")
+    set_ms_affinity = ctx_module.set_ms_affinity
+    context_cls._instance = operator_cls._instance = None
+    ctx_module.set_ms_affinity = lambda *args: None
+    os.environ.pop("RUN_MODE", None)  # "predict" would build the inference network
+    try:
+        context_cls(MindFormerConfig(use_legacy=use_legacy, use_parallel=False,
+                                     context=dict(mode=0, device_target="CPU")))
+        yield
+    finally:
+        ctx_module.set_ms_affinity = set_ms_affinity
+        context_cls._instance, operator_cls._instance = saved_instances
+        for key in set(os.environ) - set(saved_environ):  # MindFormers sets a few variables
+            del os.environ[key]
+        os.environ.update(saved_environ)
+        ms.set_context(mode=saved_mode)
+
+
+@contextlib.contextmanager
+def mcore_mode():
+    """:func:`mindformers_context` for mcore models (Qwen3 ...), with the test-side CPU
+    stand-ins (tests/mcore_cpu.py) installed; both undone afterwards."""
+    import mcore_cpu
+    was_installed = mcore_cpu.is_installed()
+    mcore_cpu.install()
+    try:
+        with mindformers_context(use_legacy=False):
+            yield
+    finally:
+        if not was_installed:
+            mcore_cpu.uninstall()
+
+
+@pytest.fixture
+def mcore_context():
+    """:func:`mcore_mode` for one test."""
+    with mcore_mode():
+        yield
+
+
+@contextlib.contextmanager
+def float32_attention():
+    """mcore ``Attention`` casts float32 q/k/v to float16 before flash attention (the Ascend
+    kernel's dtype), which limits agreement between two float32 networks to about 1e-3; inside
+    this block that cast is a float32 one (attention.py's ``mstype.float16`` seen as float32),
+    for exact comparisons. Networks compile their graphs with it while inside."""
+    import mindspore.common.dtype as mstype
+    from mindformers.parallel_core.training_graph.transformer import attention
+    fp32 = types.ModuleType("mstype_with_float32_attention")
+    fp32.__dict__.update({k: v for k, v in vars(mstype).items() if not k.startswith("__")})
+    fp32.float16 = mstype.float32
+    sys.modules[fp32.__name__] = fp32  # graph mode imports it by name
+    attention.mstype = fp32
+    try:
+        yield
+    finally:
+        attention.mstype = mstype
+        sys.modules.pop(fp32.__name__, None)
+
+
+def write_mcore_dataset(path, num_rows, skip_rows=0, seq_length=32, vocab_size=128):
+    """The tiny counting rows (mindformers_lora_ext.tiny_data) for mcore models: ``input_ids``
+    and ``labels`` of ``seq_length`` each, labels already shifted (legacy models take
+    seq_length + 1 and shift inside; mcore GPTModel does not)."""
+    import numpy as np
+    from mindspore.mindrecord import FileReader, FileWriter
+    from mindformers_lora_ext.tiny_data import write_tiny_dataset
+    raw = write_tiny_dataset(path + ".raw", num_rows=num_rows, seq_length=seq_length, vocab_size=vocab_size,
+                             skip_rows=skip_rows)
+    reader = FileReader(raw)
+    rows = [{"input_ids": row["input_ids"][:-1].astype(np.int32), "labels": row["labels"][1:].astype(np.int32)}
+            for row in reader.get_next()]
+    reader.close()
+    writer = FileWriter(path, shard_num=1, overwrite=True)
+    writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]},
+                       "labels": {"type": "int32", "shape": [-1]}}, "tiny_counting_shifted")
+    writer.write_raw_data(rows)
+    writer.commit()
+    return path

@@ -3,8 +3,13 @@
 ``run_mindformer.py`` is not shipped in the mindformers wheel. This script does what its
 ``__main__`` block and ``main()`` do for the options our tests use, and imports nothing but
 MindFormers: our plugin must be loaded by the ``.pth`` hook alone.
+
+``--cpu_standins`` (test-only, opt-in) first installs the CPU stand-ins of ``mcore_cpu.py``
+(next to this script) so mcore models (``use_legacy: False``) run on CPU.
 """
 import argparse
+import os
+import sys
 
 from mindformers.core.context import build_context
 from mindformers.tools.register import MindFormerConfig
@@ -38,7 +43,13 @@ if __name__ == "__main__":
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--load_checkpoint", default=None)
     parser.add_argument("--use_parallel", default=None, type=lambda s: s.lower() == "true")
+    parser.add_argument("--cpu_standins", action="store_true",
+                        help="test-only: install tests/mcore_cpu.py's CPU stand-ins before the model is built")
     args = parser.parse_args()
+    if args.cpu_standins:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import mcore_cpu  # pylint: disable=import-outside-toplevel
+        mcore_cpu.install()
     cfg = MindFormerConfig(args.config)
     if args.run_mode is not None:
         cfg.run_mode = args.run_mode
