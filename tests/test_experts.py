@@ -103,14 +103,16 @@ TOKENS, TOPK = 12, 2
 
 
 @pytest.fixture
-def cpu_experts(monkeypatch):
-    """The MoE CPU stand-ins (tests/mcore_cpu_moe.py), also for our layer's grouped matmul."""
+def cpu_experts():
+    """The MoE CPU stand-ins (tests/mcore_cpu_moe.py; they cover our layer's grouped matmul)."""
     import mcore_cpu_moe
     from mindformers_lora_ext.tuners import experts
+    was_installed = mcore_cpu_moe.is_installed()
     mcore_cpu_moe.install()
-    monkeypatch.setattr(experts, "grouped_matmul", mcore_cpu_moe.cpu_grouped_matmul)
-    monkeypatch.setattr(experts, "swiglu", mcore_cpu_moe.cpu_swiglu)
-    return experts
+    assert experts.grouped_matmul is mcore_cpu_moe.cpu_grouped_matmul
+    yield experts
+    if not was_installed:
+        mcore_cpu_moe.uninstall()
 
 
 def _silu(v):
@@ -189,3 +191,37 @@ def test_expert_adapter_forward_matches_numpy(cpu_experts, variant):
     for cell in layer.projections.values():
         cell.unmerge()
     np.testing.assert_allclose(base(*args).asnumpy()[0], plain, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_adapter_layouts_under_expert_parallel(monkeypatch):
+    """Semi-auto parallel (dp 4 x tp 2, ep 2): the Morph carries the base's layouts for tokens and
+    expert weights, and splits every adapter operand over experts like the expert weights."""
+    import mindspore as ms
+    from mindformers.parallel_core.training_graph.transformer.moe import token_dispatcher
+    from mindformers_lora_ext.config import LoraSpec
+    from mindformers_lora_ext.tuners.experts import ExpertLoraLayer
+    from mindformers.parallel_core.training_graph import device_matrix
+    monkeypatch.setattr(token_dispatcher, "get_ep_group_name", lambda *args: "ep_group")  # no comm init on CPU
+    for manager in (device_matrix.layout, device_matrix.layout_moe):  # singletons: init once per process
+        for attr in ("_layout", "_layout_type", "_config"):
+            monkeypatch.setattr(manager, attr, None)
+    spec = LoraSpec(rank=4, alpha=8, scaling=2.0, dropout=0.0, init=True, use_dora=True, lora_bias=False)
+    ms.set_auto_parallel_context(parallel_mode="semi_auto_parallel", device_num=8)
+    try:
+        cfg = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, params_dtype="float32",
+                                compute_dtype="float32", num_moe_experts=E, moe_ffn_hidden_size=FFN,
+                                moe_router_topk=2, seq_length=8, ffn_hidden_size=32, add_bias_linear=False,
+                                gated_linear_unit=True, data_parallel_size=4, tensor_model_parallel_size=2,
+                                expert_model_parallel_size=2)
+        base = FFNGroupedGEMM(cfg)
+        layer = ExpertLoraLayer(base, {"linear_fc2": spec})
+    finally:
+        ms.reset_auto_parallel_context()
+    ours, theirs = layer.morphed_forward.in_layout, base.morphed_forward.in_layout
+    assert len(ours) == 12 and ours[:5] == theirs[:5] and ours[-1] == theirs[-1]
+    assert theirs[3]["tensor_map"] == (0, -1)  # w1 [E*h, 2H]: rows (experts) over ep
+    assert ours[3]["device_matrix"] == (4, 2)  # (dp_ex_ep, ep)
+    assert [o["tensor_map"] for o in ours[5:11]] == [(0, -1, -1), (0, -1, -1), (0, -1)] * 2
+    assert layer.morphed_forward.out_layout == base.morphed_forward.out_layout
+    alone = ExpertLoraLayer(FFNGroupedGEMM(moe_config()), {"linear_fc2": spec})  # stand-alone: no layouts
+    assert "in_layout" not in alone.morphed_forward.attrs

@@ -14,7 +14,9 @@ experts, so it runs wherever they do. Parameters: ``<experts>.linear_fc1.lora_A`
 ``.lora_magnitude_vector`` [E, out], and the frozen gate ``.lora_active``; the base Parameters
 keep their names. Merge math is LoRA's / DoRA's (tuners/lora.py) applied per expert.
 Not supported on experts (an error says so): data-driven inits (PiSSA/OLoRA), ``lora_bias``
-(the experts have no bias), semi-auto parallel (expert parallel layouts).
+(the experts have no bias), token dispatchers other than ``alltoall``. Under semi-auto parallel
+the adapter operands are split over experts like the expert weights (expert parallel; not yet
+run on hardware).
 """
 import math
 from typing import Dict
@@ -27,6 +29,7 @@ from mindspore.context import ParallelMode
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 from mindspore.ops.auto_generate import GroupedMatmul, Swiglu
+from mindspore.ops.operations import Morph
 from mindspore.parallel._utils import _get_parallel_mode
 
 from mindformers_lora_ext.config import KEY_PREFIX, LoraSpec
@@ -95,38 +98,40 @@ class ExpertProjectionLora(nn.Cell):
         self.transpose = P.Transpose()
         self.reshape = P.Reshape()
         self.batch_matmul = P.BatchMatMul()
+        self.no_scale = Tensor(np.ones((experts, 1)), compute_dtype)  # LoRA: DoRA's scale operand, unused
         self.merged = False
         self._merge_cache = None
 
-    def expert_weight(self):
-        """The base weight as [E, in, out] in compute dtype."""
-        return self.reshape(self.cast(self.weight, self.compute_dtype), (self.experts, self.in_dim, self.out_dim))
-
-    def forward(self, x, group_list):
-        """x [T, in] sorted by expert -> [T, out]: the experts' projection with its adapter."""
-        weight = self.expert_weight()
-        base = grouped_matmul(x, weight, group_list)
-        if self.merged:
-            return base
+    def operands(self):
+        """What the experts' forward needs of this adapter, computed outside the dispatch:
+        A^T [E, in, r], s B^T [E, r, out] (times the merge gate) and the DoRA scale
+        1 + gate (m / ||W_e + s B_e A_e|| - 1) [E, out] (ones [E, 1] without DoRA)."""
         dtype = self.compute_dtype
-        a_t = self.transpose(self.cast(self.lora_A, dtype), (0, 2, 1))  # [E, in, r]
-        b_t = self.transpose(self.cast(self.lora_B, dtype), (0, 2, 1))  # [E, r, out]
+        gate = self.cast(self.lora_active, dtype)
+        a_t = self.transpose(self.cast(self.lora_A, dtype), (0, 2, 1))
+        b_t = self.transpose(self.cast(self.lora_B, dtype), (0, 2, 1))
+        if not self.use_dora:
+            return a_t, b_t * (gate * self.scaling), self.no_scale
+        weight = self.reshape(self.cast(self.weight, dtype), (self.experts, self.in_dim, self.out_dim))
+        adapted = weight + F.stop_gradient(self.batch_matmul(a_t, b_t)) * self.scaling  # [E, in, out]
+        norm = F.stop_gradient(F.sqrt(F.reduce_sum(adapted * adapted, 1)))  # [E, out]
+        scale = self.cast(self.lora_magnitude_vector, dtype) / norm
+        return a_t, b_t * (gate * self.scaling), 1 + gate * (scale - 1)
+
+    def apply(self, x, weight, group_list, a_t, b_t, scale):
+        """x [T, in] sorted by expert, ``weight`` [E, in, out] and :meth:`operands` -> [T, out]."""
+        base = grouped_matmul(x, weight, group_list)
         x_drop = self.lora_dropout(x)
-        scaling = self.cast(self.lora_active, dtype) * self.scaling
-        lora = grouped_matmul(grouped_matmul(x_drop, a_t, group_list), b_t, group_list) * scaling
+        lora = grouped_matmul(grouped_matmul(x_drop, a_t, group_list), b_t, group_list)
         if not self.use_dora:
             return base + lora
         if self.dropout_active and self.training:  # DoRA rescales W x_drop, as LoraLinear's DoRA
             base_drop = grouped_matmul(x_drop, weight, group_list)
         else:
             base_drop = base
-        adapted = weight + F.stop_gradient(self.batch_matmul(a_t, b_t)) * self.scaling  # [E, in, out]
-        norm = F.stop_gradient(F.sqrt(F.reduce_sum(adapted * adapted, 1)))  # [E, out]
-        scale = self.cast(self.lora_magnitude_vector, dtype) / norm
         rows = F.cumsum(F.ones_like(F.cast(x[:, 0], mstype.int32)), 0) - 1
         row_scale = F.gather(scale, row_experts(group_list, rows), 0)  # [T, out]
-        gate = self.cast(self.lora_active, dtype)
-        return base + gate * (row_scale - 1) * base_drop + row_scale * lora
+        return base + (row_scale - 1) * base_drop + row_scale * lora
 
     def adapter_parameters(self):
         return [self.lora_A, self.lora_B] + ([self.lora_magnitude_vector] if self.use_dora else [])
@@ -201,20 +206,29 @@ def fold_experts(weights_oi: np.ndarray, arrays: Dict[str, np.ndarray], scaling:
     return np.stack([r[0] for r in results]), [r[1] for r in results]
 
 
+def func_infer_shape(*args):
+    """Morph's shape inference: the output is shaped like the tokens."""
+    return args[0]
+
+
+def func_infer_dtype(*args):
+    """Morph's dtype inference: the output has the tokens' dtype."""
+    return args[0]
+
+
 class ExpertLoraLayer(nn.Cell):
     """``FFNGroupedGEMM`` with adapters on fc1 and/or fc2 of every routed expert.
 
-    Keeps the base as child ``base_layer`` (its Parameters and token dispatcher unchanged) and
-    computes: dispatch -> fc1 (+ adapter) -> swiglu -> fc2 (+ adapter) -> combine.
-    ``projections`` maps ``linear_fc1`` / ``linear_fc2`` to their ``ExpertProjectionLora``.
+    Keeps the base as child ``base_layer`` (its Parameters and token dispatcher unchanged) and,
+    like it, runs dispatch -> fc1 (+ adapter) -> swiglu -> fc2 (+ adapter) -> combine inside one
+    ``Morph``, whose layouts under semi-auto parallel are the base's plus the adapter operands
+    split over experts like the expert weights (:meth:`shard`). ``projections`` maps
+    ``linear_fc1`` / ``linear_fc2`` to their ``ExpertProjectionLora``.
     """
 
     def __init__(self, base, specs: Dict[str, LoraSpec], param_init_type=None, compute_dtype=None,
                  name: str = "experts"):
         super().__init__()
-        if _get_parallel_mode() in (ParallelMode.SEMI_AUTO_PARALLEL, ParallelMode.AUTO_PARALLEL):
-            raise NotImplementedError(f"adapters on MoE routed experts ({name}) under semi-auto parallel "
-                                      f"(expert-parallel layouts) are not supported yet; data parallel is")
         if base.moe_token_dispatcher_type != "alltoall":
             raise NotImplementedError(f"adapters on MoE routed experts ({name}) need moe_token_dispatcher_type "
                                       f"'alltoall', not {base.moe_token_dispatcher_type!r}")
@@ -229,34 +243,65 @@ class ExpertLoraLayer(nn.Cell):
                                         param_dtype, self.compute_dtype, f"{name}.{proj}")
             self.insert_child_to_cell(proj, cell)
             self.projections[proj] = cell
-        self.fc1 = self.projections.get("linear_fc1")
-        self.fc2 = self.projections.get("linear_fc2")
-        self.has_fc1, self.has_fc2 = self.fc1 is not None, self.fc2 is not None
+        # constants in the graph: a projection's cell is only reached when it exists
+        self.has_fc1, self.has_fc2 = "linear_fc1" in self.projections, "linear_fc2" in self.projections
         self.hidden_size, self.ffn_hidden_size, self.experts = hidden, ffn, experts
+        # operands of a projection without adapter: never read, shaped like real ones for the layouts
+        self.unused = (Tensor(np.zeros((experts, 1, 1)), self.compute_dtype),) * 2 \
+            + (Tensor(np.ones((experts, 1)), self.compute_dtype),)
         self.cast = P.Cast()
         self.reshape = P.Reshape()
-
-    def _plain(self, x, weight, group_list, in_dim, out_dim):
-        return grouped_matmul(x, self.reshape(self.cast(weight, self.compute_dtype),
-                                              (self.experts, in_dim, out_dim)), group_list)
+        self.morphed_forward = Morph(self.forward_func, func_infer_shape, func_infer_dtype).add_prim_attr(
+            "self_define_shard", True)
+        if _get_parallel_mode() in (ParallelMode.SEMI_AUTO_PARALLEL,):
+            self.shard()
 
     def construct(self, tokens, probs, routing_map):
         base = self.base_layer
         dtype = tokens.dtype
         tokens = self.cast(tokens, self.compute_dtype)
-        dispatched, group_list, ctx = base.token_dispatcher.token_permutation(
-            tokens, probs, routing_map, base.num_tokens_per_expert)
+        w1 = self.cast(base.weight1, self.compute_dtype)
+        w2 = self.cast(base.weight2, self.compute_dtype)
+        fc1 = self.linear_fc1.operands() if self.has_fc1 else self.unused
+        fc2 = self.linear_fc2.operands() if self.has_fc2 else self.unused
+        output = self.morphed_forward(tokens, probs, routing_map, w1, w2, fc1[0], fc1[1], fc1[2],
+                                      fc2[0], fc2[1], fc2[2], base.num_tokens_per_expert)
+        return self.cast(output, dtype)
+
+    def forward_func(self, tokens, probs, routing_map, w1, w2, fc1_a, fc1_b, fc1_scale, fc2_a, fc2_b, fc2_scale,
+                     num_tokens_per_expert=None):
+        """The Morph's body, on this device's experts: FFNGroupedGEMM's plus the adapters."""
+        w1 = self.reshape(w1, (-1, self.hidden_size, self.ffn_hidden_size * 2))
+        w2 = self.reshape(w2, (-1, self.ffn_hidden_size, self.hidden_size))
+        dispatcher = self.base_layer.token_dispatcher
+        dispatched, group_list, ctx = dispatcher.token_permutation(tokens, probs, routing_map, num_tokens_per_expert)
         x = self.reshape(dispatched, (-1, self.hidden_size))
         if self.has_fc1:
-            hidden = self.fc1.forward(x, group_list)
+            hidden = self.linear_fc1.apply(x, w1, group_list, fc1_a, fc1_b, fc1_scale)
         else:
-            hidden = self._plain(x, base.weight1, group_list, self.hidden_size, 2 * self.ffn_hidden_size)
+            hidden = grouped_matmul(x, w1, group_list)
         hidden = swiglu(hidden)
         if self.has_fc2:
-            out = self.fc2.forward(hidden, group_list)
+            out = self.linear_fc2.apply(hidden, w2, group_list, fc2_a, fc2_b, fc2_scale)
         else:
-            out = self._plain(hidden, base.weight2, group_list, self.ffn_hidden_size, self.hidden_size)
-        return self.cast(base.token_dispatcher.token_unpermutation(out, ctx), dtype)
+            out = grouped_matmul(hidden, w2, group_list)
+        return dispatcher.token_unpermutation(out, ctx)
+
+    def shard(self):
+        """The base's Morph layouts (tokens split over data, expert weights over ``ep``) plus
+        the adapter operands, split over experts like the expert weights: A^T, s B^T
+        [E, ., .] and the DoRA scale [E, out] by ``ep`` on the expert dimension."""
+        # pylint: disable=import-outside-toplevel
+        from mindformers.parallel_core.training_graph.device_matrix import layout_moe
+        experts = layout_moe("ep", "None", "None")
+        tokens = layout_moe("dp_cp", "None", "None")
+        self.morphed_forward.shard(
+            in_strategy=(tokens, tokens, tokens,  # tokens [B, S, h], probs, routing_map [B, S, k]
+                         layout_moe("ep", "None"), layout_moe("ep", "None"),  # w1, w2 [E*in, out]
+                         experts, experts, layout_moe("ep", "None"),  # fc1: A^T, s B^T, scale
+                         experts, experts, layout_moe("ep", "None"),  # fc2
+                         layout_moe("None")),
+            out_strategy=(tokens,))
 
 
 _boot.resume_after_import(__name__)  # see _boot: plugins deferred while we were importing
