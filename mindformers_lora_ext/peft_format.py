@@ -146,7 +146,7 @@ def _structured_from_peft(data: dict, config_cls) -> dict:
         "modules_to_save": [_mf_module(m) for m in data["modules_to_save"]] if data.get("modules_to_save") else None,
     })
     for key in ("rank_pattern", "alpha_pattern"):
-        if key in config_cls.DEFAULTS:
+        if key in config_cls.DEFAULTS and pet.get(key) is None:  # else the class converted it (AdaLoRA)
             pet[key] = {_mf_module(k): v for k, v in (data.get(key) or {}).items()}
     return {k: v for k, v in pet.items() if v is not None}
 

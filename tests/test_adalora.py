@@ -166,3 +166,17 @@ def test_training_without_the_rank_allocator_is_refused_at_the_first_step(tiny_c
     AdaLoraRankAllocator().on_train_begin(CallbackContext(step, 0))
     loss = step(ids)[0].asnumpy()
     assert np.isfinite(loss) and any(np.abs(g).max() > 0 for g in step.tapped_gradients().values())
+
+
+def test_rank_pattern_survives_the_peft_config_round_trip():
+    """adapter_config.json keys rank_pattern by ``<hf module>.lora_E`` (PEFT); reading it back
+    gives our cell names, so a cell pruned to rank 0 is skipped when rebuilt from the file."""
+    from mindformers_lora_ext.config import AdaLoraConfig
+    from mindformers_lora_ext.peft_format import peft_config_dict, pet_config_from_peft
+    pattern = {"model.layers.0.attention.wq": [False] * 4, "decoder.layers.1.mlp.linear_fc1": [True, False] * 2}
+    config = AdaLoraConfig(pet_type="adalora", init_r=4, target_r=2, total_step=8, rank_pattern=pattern,
+                           target_modules=["wq", "linear_fc1"])
+    data = peft_config_dict(config, list(pattern))
+    assert sorted(data["rank_pattern"]) == ["decoder.layers.1.mlp.linear_fc1.lora_E",
+                                            "model.layers.0.self_attn.q_proj.lora_E"]
+    assert pet_config_from_peft(data)["rank_pattern"] == pattern
