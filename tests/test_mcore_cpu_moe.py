@@ -396,44 +396,21 @@ def test_moe_layer_with_stand_ins_matches_dense_numpy_moe(kind):
 
 # ---------------------------------------------------------------- (c) tiny models, forward + backward
 
-@pytest.fixture
-def mcore_build(monkeypatch):
-    """What build_network needs to build mcore models in this process: MindFormers' context
-    says use_legacy False. DeepseekV3ForCausalLM.__new__ also asks MindFormers' Context for the
-    mode; creating that singleton here would reset MindSpore to PyNative, so the answer comes
-    from MindSpore's own context (graph mode)."""
-    from mindformers.core.context.build_context import MFContextOperator
-    from mindformers.models.deepseek3 import modeling_deepseek_v3
-    from mindformers.tools.register import MindFormerConfig
-    saved_env = dict(os.environ)
-    existing = MFContextOperator.get_mf_ctx_instance()
-    if existing is None:
-        MFContextOperator(MindFormerConfig(use_legacy=False))
-    else:
-        old = existing.get_context("use_legacy")
-        existing.set_context(use_legacy=False)
-    monkeypatch.setattr(modeling_deepseek_v3, "get_context",
-                        lambda key: ms.get_context(key) if key == "mode" else None)
-    yield
-    if existing is None:
-        MFContextOperator.reset_instance()
-    else:
-        existing.set_context(use_legacy=old)
-    os.environ.clear()
-    os.environ.update(saved_env)
-
-
+# adapted cells (their checkpoint prefixes): on MoE layers linear_fc1 / linear_fc2 name the routed
+# experts' projections (<experts>.linear_fc1) and the shared experts'
 MODELS = {
-    "qwen3_moe": (QWEN3_MOE_CONFIG, r"layers\.[01]\.self_attention\.(linear_qkv|linear_proj)$", 2 * 2),
+    "qwen3_moe": (QWEN3_MOE_CONFIG, r"layers\.[01]\.(self_attention\.(linear_qkv|linear_proj)|mlp\.experts\.linear_fc[12])$",
+                  2 * 4),
     "deepseek3": (DEEPSEEK3_CONFIG,
                   r"(layers\.[01]\.self_attention\.linear_(q_down|q_up|kv_down|kv_up)_proj"
-                  r"|layers\.[01]\.self_attention\.linear_proj|layers\.1\.mlp\.shared_experts\.linear_fc[12])$",
-                  2 * 5 + 2),
+                  r"|layers\.[01]\.self_attention\.linear_proj|layers\.0\.mlp\.linear_fc[12]"
+                  r"|layers\.1\.mlp\.(shared_experts|experts)\.linear_fc[12])$",
+                  2 * 5 + 2 + 4),
 }
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-def test_tiny_moe_model_runs_forward_and_backward_on_cpu(model, mcore_build):  # pylint: disable=unused-argument
+def test_tiny_moe_model_runs_forward_and_backward_on_cpu(model, mcore_context):  # pylint: disable=unused-argument
     import re
     from mindformers.models.build_model import build_network
     from mindformers.parallel_core.training_graph.transformer.moe.ffn import FFNGroupedGEMM
