@@ -11,6 +11,7 @@ from mindformers.models.build_model import build_network
 from mindformers.tools.register import MindFormerConfig
 from mindformers.trainer.optimizer_grouped_parameters import get_optimizer_grouped_parameters
 from mindformers.wrapper import build_wrapper
+from mindformers.wrapper.wrapper import DataOrderWrapperCell
 
 try:
     from mindformers.tools import set_output_path
@@ -33,9 +34,17 @@ def sized_config(dims: dict) -> MindFormerConfig:
     return config
 
 
-def build_train_step(config, total_steps: int, threads: int = 0):
+def build_train_step(config, total_steps: int, threads: int = 0, construct_args_key=None):
     """(network, wrapper) for a MindFormerConfig, in the trainer's order; ``threads`` > 0 sets
-    MindSpore's CPU kernel threads."""
+    MindSpore's CPU kernel threads.
+
+    ``construct_args_key`` (e.g. ``["input_ids", "labels"]``, the dataset's ``input_columns``):
+    the wrapper's network is then ``DataOrderWrapperCell(construct_args_key, network)``, which
+    passes the step's inputs to the network by keyword, as ``BaseTrainer.training_process``
+    wraps it. mcore models need it (their ``construct`` takes ``position_ids`` second, so a
+    positional ``labels`` would land there); the legacy Llama takes ``(input_ids, labels)``
+    positionally and the step-time scripts leave it None (no wrapper cell). The returned
+    ``network`` is the unwrapped one in both cases."""
     set_output_path(config.output_dir)
     build_context(config)
     if threads:
@@ -46,15 +55,19 @@ def build_train_step(config, total_steps: int, threads: int = 0):
         "dataset_config": config.train_dataset, "calculate_per_token_loss": False,
         "batch_size": config.runner_config.batch_size})
     network.set_train(True)
+    train_network = network
+    if construct_args_key is not None:
+        train_network = DataOrderWrapperCell(list(construct_args_key), network)  # auto_prefix=False
+        train_network.set_train(True)
     config.lr_schedule.total_steps = total_steps
     lr_schedule = build_lr(config.lr_schedule)
     group_params = get_optimizer_grouped_parameters(
-        model=network, weight_decay=config.optimizer.weight_decay, dynamic_lr_schedule=lr_schedule,
+        model=train_network, weight_decay=config.optimizer.weight_decay, dynamic_lr_schedule=lr_schedule,
         optimizer_type=config.optimizer.type)
     optimizer = build_optim(config.optimizer, default_args={"params": group_params,
                                                             "learning_rate": lr_schedule})
     wrapper = build_wrapper(config.runner_wrapper, default_args={
-        "network": network, "optimizer": optimizer, "parallel_config": config.parallel_config,
+        "network": train_network, "optimizer": optimizer, "parallel_config": config.parallel_config,
         "calculate_per_token_loss": False, "global_norm_spike_threshold": 1.0,
         "print_separate_loss": True, "use_skip_data_by_global_norm": False,
         "lr_scheduler": lr_schedule, "grouped_lr_scheduler": None})

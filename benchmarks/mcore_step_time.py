@@ -1,0 +1,417 @@
+"""Training step time of stock ``lora``, our ``lora_ext`` and ``dora`` (and, on Qwen3-MoE, our
+``lora_ext`` on the routed experts too), side by side in one run, on MindFormers' mcore models
+(``use_legacy: False``) Qwen3 and Qwen3-MoE on CPU.
+
+NOT A MEASUREMENT OF THE ASCEND KERNELS. MindSpore 2.9 has no CPU kernels for several primitives
+these mcore training graphs build, so every child process installs the TEST-SIDE CPU STAND-INS of
+``tests/mcore_cpu.py`` (``mcore_cpu.install()``: ``RmsNorm``, the rotary ``Outer``,
+``FlashAttentionScore``) and ``tests/mcore_cpu_moe.py`` (installed by the same call: the MoE
+experts' ``GroupedMatmul``/``Swiglu``, the token dispatcher's sort/index/cumsum ops, the
+router's ``TopkExt``), and routes our expert-adapter layer's ``grouped_matmul``/``swiglu``
+(``mindformers_lora_ext.tuners.experts``) to ``mcore_cpu_moe.cpu_grouped_matmul``/``cpu_swiglu``
+(module attribute assignment before the model is built; done here when ``mcore_cpu_moe.install()``
+has not done it already). Those stand-ins are plain-op test code, never shipped: the CPU grouped
+matmul multiplies every row by every expert's weight (E times a dense matmul), attention is an
+unfused softmax(QK^T)V. So the absolute times, and on Qwen3-MoE every ratio involving experts,
+say how MindFormers' graph plus our adapters behave around CPU stand-ins, not what Ascend's fused
+kernels would do. The adapter math of ours and of stock LoRA is the product code in both cases.
+
+For each (model, size, setup) a fresh interpreter (run one after another, never in parallel):
+
+* loads the tiny CPU config of the model (``configs/tiny/qwen3_lora_ext.yaml`` or
+  ``configs/tiny/qwen3_moe_lora_ext.yaml``, top-level ``use_legacy: False``, graph mode) as a
+  ``MindFormerConfig``, sets the model dims of the size (``tiny``: the YAML as it is) and the
+  setup's ``pet_config``;
+* builds what ``Trainer.train()`` builds, with MindFormers' own builders, through
+  ``benchmarks/_trainer_step.py``'s ``build_train_step``: ``build_context`` (which, for
+  ``use_legacy: False`` fine-tuning, sets ``MS_DEV_JIT_SYNTAX_LEVEL=0`` as the trainer does) ->
+  ``build_parallel_config`` -> ``build_network`` -> ``DataOrderWrapperCell(['input_ids',
+  'labels'])`` (the trainer's wrapping: mcore ``construct`` takes ``position_ids`` second) ->
+  ``build_lr`` -> ``get_optimizer_grouped_parameters`` (trainable parameters only) ->
+  ``build_optim`` (the YAML's AdamW) -> ``build_wrapper`` (the YAML's ``CpuSafeTrainOneStepCell``,
+  grad clipping and the overflow check on);
+* runs ``--warmup`` steps (the first compiles the graph), then times ``--steps`` steps of
+  ``wrapper(input_ids, labels)`` on fixed random int32 ``[batch, seq]`` inputs (mcore takes
+  labels already shifted, unlike legacy Llama's ``seq + 1``), each synchronised on its loss;
+* checks that every trainable parameter is an adapter one (name contains ``lora``).
+
+Setups (rank 8, alpha 16, dropout 0, attention targets ``linear_qkv`` (q/k/v fused) and
+``linear_proj``): ``lora`` = MindFormers' stock LoRA (target regex ``.*linear_qkv|.*linear_proj``;
+on mcore models PetModel freezes by globs only, so it gets ``freeze_include: ['*']``,
+``freeze_exclude: ['*lora*']``), ``lora_ext`` and ``dora`` = ours; on Qwen3-MoE also
+``lora_ext_experts`` = ``lora_ext`` on ``[linear_qkv, linear_proj, linear_fc1, linear_fc2]``,
+where ``linear_fc1``/``linear_fc2`` also reach the routed experts' grouped fc1/fc2 (our virtual
+names; per-expert A/B through the grouped matmul) and any shared experts (Qwen3-MoE has none).
+No full fine-tune: on CPU the mcore embedding's backward (``EmbeddingDenseBackward``) has no
+kernel.
+
+Rounds, table and ratios as in ``benchmarks/step_time.py``: each setup runs ``--rounds`` times
+(fresh processes, setups interleaved, each round starting one setup later); the table shows the
+round with the lowest median and every round's median; a setup whose round medians differ by more
+than NOISY is marked ``noisy``, and so is every ratio it enters. Ratios against goals get
+PASS/FAIL marks (not asserts): ``lora_ext / lora <= 1.00``, ``dora / lora_ext <= 1.15``;
+``lora_ext_experts / lora_ext`` (MoE) is reported without a goal. MindFormers' logs are captured;
+a failed setup prints its last lines and the run goes on. Default invocation: 28 fresh
+processes, most of each one's time being import + graph compile (10-30 s); estimated at 8-10
+minutes on 2 idle CPU cores from single runs timed on a busy machine (about 12 minutes there).
+
+    python benchmarks/mcore_step_time.py                       # both models, tiny and small
+    python benchmarks/mcore_step_time.py --models qwen3_moe --sizes small --rounds 3 --threads 1
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MARK = "MCORE_STEP_TIME_RESULT "
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+MODELS = {
+    "qwen3": os.path.join(ROOT, "configs", "tiny", "qwen3_lora_ext.yaml"),
+    "qwen3_moe": os.path.join(ROOT, "configs", "tiny", "qwen3_moe_lora_ext.yaml"),
+}
+SETUPS = ("lora", "lora_ext", "dora", "lora_ext_experts")
+MOE_ONLY = ("lora_ext_experts",)
+ATTENTION = ["linear_qkv", "linear_proj"]
+EXPERTS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+RANK, ALPHA = 8, 16
+INPUT_COLUMNS = ["input_ids", "labels"]  # the tiny YAMLs' train_dataset.input_columns
+# model_config keys (as the tiny YAMLs spell them) and batch size per size; tiny = the YAMLs as
+# they are (hidden 64, 2 layers, 4 heads / 2 kv heads, head_dim 16, seq 32, vocab 128, batch 2;
+# MoE 4 experts top-2, moe_intermediate 32). The MoE routing keys (no capacity factor: dropless)
+# stay the YAML's.
+SIZES = {
+    "tiny": {"model": {}, "moe": {}, "batch_size": None},
+    "small": {"model": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+                        "num_key_value_heads": 4, "head_dim": 64, "intermediate_size": 1408,
+                        "seq_length": 256, "max_position_embeddings": 256, "vocab_size": 4096},
+              "moe": {"moe_intermediate_size": 256, "num_experts": 8, "num_experts_per_tok": 2},
+              "batch_size": 2},
+}
+DEFAULT_STEPS = {"tiny": 20, "small": 8}  # timed steps when --steps is not given
+NOISY = 0.15  # round medians of one setup further apart than this (relative): the machine was busy
+# (numerator, denominator, bound): "numerator <= bound x denominator" is the goal; None: report only
+GOALS = (("lora_ext", "lora", 1.0), ("dora", "lora_ext", 1.15), ("lora_ext_experts", "lora_ext", None))
+
+
+# ----------------------------------------------------------------------------- child side
+
+def _pet_config(setup):
+    common = {"lora_rank": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0}
+    if setup == "lora":  # stock: a regex (re.match); mcore PetModel freezes by these globs only
+        return dict(common, pet_type="lora", target_modules="|".join(f".*{t}" for t in ATTENTION),
+                    freeze_include=["*"], freeze_exclude=["*lora*"])
+    if setup == "lora_ext_experts":
+        return dict(common, pet_type="lora_ext", target_modules=list(EXPERTS))
+    return dict(common, pet_type=setup, target_modules=list(ATTENTION))
+
+
+def _install_cpu_standins():
+    """The test-side CPU stand-ins (tests/mcore_cpu.py, which installs tests/mcore_cpu_moe.py
+    too), and our expert layer's grouped matmul / swiglu routed to mcore_cpu_moe's; returns what
+    this function had to patch itself (empty once mcore_cpu_moe.install() does it)."""
+    # pylint: disable=import-outside-toplevel,import-error
+    sys.path.insert(0, TESTS)
+    import mcore_cpu
+    import mcore_cpu_moe
+    from mindformers_lora_ext.tuners import experts
+    mcore_cpu.install()
+    if not mcore_cpu_moe.is_installed():
+        raise RuntimeError("mcore_cpu.install() did not install tests/mcore_cpu_moe.py's stand-ins")
+    patched = []
+    for name, standin in (("grouped_matmul", mcore_cpu_moe.cpu_grouped_matmul),
+                          ("swiglu", mcore_cpu_moe.cpu_swiglu)):
+        if getattr(experts, name).__module__ == experts.__name__:  # still the Ascend primitive call
+            setattr(experts, name, standin)
+            patched.append(name)
+    return patched
+
+
+def run_child(spec):
+    """Build, warm up and time one (model, size, setup); returns the result dict."""
+    # pylint: disable=import-outside-toplevel
+    import numpy as np
+    import mindspore as ms
+    from mindformers.pet import is_supported_pet_type
+    from mindformers.tools.register import MindFormerConfig
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _trainer_step import build_train_step  # pylint: disable=import-error
+
+    patched = _install_cpu_standins()
+    model, size, setup = spec["model"], spec["size"], spec["setup"]
+    config = MindFormerConfig(MODELS[model])
+    if config.use_legacy is not False:
+        raise RuntimeError(f"{MODELS[model]}: use_legacy is {config.use_legacy!r}, not False")
+    config.output_dir = os.path.join(os.getcwd(), "output")
+    model_config = config.model.model_config
+    dims = SIZES[size]
+    for key, value in dict(dims["model"], **(dims["moe"] if model == "qwen3_moe" else {})).items():
+        if key not in model_config:
+            raise RuntimeError(f"{MODELS[model]} has no model_config key {key!r}")
+        model_config[key] = value
+    if dims["batch_size"]:
+        config.runner_config.batch_size = config.train_dataset.batch_size = dims["batch_size"]
+    if list(config.train_dataset.input_columns) != INPUT_COLUMNS:
+        raise RuntimeError(f"input_columns {config.train_dataset.input_columns}, expected {INPUT_COLUMNS}")
+    pet_config = _pet_config(setup)
+    if not is_supported_pet_type(pet_config["pet_type"]):
+        raise RuntimeError(f"pet_type {pet_config['pet_type']!r} is not registered: "
+                           "is mindformers-lora-ext installed?")
+    model_config.pet_config = MindFormerConfig(**pet_config)
+
+    # what run_mindformer.py main() and Trainer.__init__ / training_process do, in order
+    total_steps = spec["warmup"] + spec["steps"]
+    network, wrapper = build_train_step(config, total_steps, spec["threads"],
+                                        construct_args_key=INPUT_COLUMNS)
+
+    inner = getattr(network, "network", network)  # PetModel keeps the adapted model in .network
+    trainable = network.trainable_params()
+    not_adapter = [p.name for p in trainable if "lora" not in p.name]
+    if not trainable or not_adapter:
+        raise RuntimeError(f"{setup}: trainable parameters should be the adapter's only; "
+                           f"{len(trainable)} trainable, not adapter: {not_adapter[:5]}")
+    batch, seq = config.runner_config.batch_size, model_config.seq_length
+    result = {
+        "model": model, "size": size, "setup": setup,
+        "arch": f"{type(network).__name__}/{type(inner).__name__}",
+        "wrapper": type(wrapper).__name__, "optimizer": type(wrapper.optimizer).__name__,
+        "trainable": int(sum(p.size for p in trainable)),
+        "total": int(sum(p.size for p in network.get_parameters())),
+        "patched": patched, "jit_syntax_level": os.environ.get("MS_DEV_JIT_SYNTAX_LEVEL"),
+        "mode": ms.get_context("mode"), "batch": batch, "seq": seq,
+    }
+
+    rng = np.random.default_rng(0)
+    input_ids = ms.Tensor(rng.integers(3, model_config.vocab_size, (batch, seq)), ms.int32)
+    labels = ms.Tensor(rng.integers(3, model_config.vocab_size, (batch, seq)), ms.int32)
+
+    times, losses, skipped = [], [], 0
+    for step in range(total_steps):
+        start = time.perf_counter()
+        out = wrapper(input_ids, labels)
+        loss = float(out[0].asnumpy().reshape(-1)[0])  # waits for the step
+        elapsed = time.perf_counter() - start
+        if step == 0:
+            result["first_step_s"] = elapsed
+        if step >= spec["warmup"]:
+            times.append(elapsed * 1e3)
+            skipped += int(bool(out[1].asnumpy()))
+        losses.append(loss)
+    times_sorted = sorted(times)
+    result.update({
+        "median_ms": statistics.median(times),
+        "p10_ms": times_sorted[int(0.1 * (len(times) - 1))],
+        "p90_ms": times_sorted[int(round(0.9 * (len(times) - 1)))],
+        "steps": len(times), "skipped": skipped,
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    })
+    return result
+
+
+# ---------------------------------------------------------------------------- parent side
+
+def run_one(spec, timeout, tail):
+    """One (model, size, setup) in a fresh interpreter; returns (result or None, wall s, error)."""
+    workdir = tempfile.mkdtemp(prefix=f"mcore_step_time_{spec['model']}_{spec['size']}_{spec['setup']}_")
+    env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                              cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+        out, err, code = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        def text(data):
+            return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+        out, err, code = text(exc.stdout), text(exc.stderr), f"timeout after {timeout} s"
+    finally:
+        wall = time.perf_counter() - start
+        shutil.rmtree(workdir, ignore_errors=True)
+    for line in out.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):]), wall, None
+    lines = (out + "\n" + err).strip().splitlines()
+    return None, wall, f"exit {code}; last {tail} lines of its output:\n" + "\n".join(
+        "    " + line for line in lines[-tail:])
+
+
+def best_round(rounds):
+    """The round with the lowest median (None for a failed round); None if every round failed.
+    Keeps every round's median for the table."""
+    done = [r for r in rounds if r is not None]
+    if not done:
+        return None
+    best = dict(min(done, key=lambda r: r["median_ms"]))
+    medians = [r["median_ms"] for r in done]
+    best["rounds_text"] = "/".join("failed" if r is None else f"{r['median_ms']:.1f}" for r in rounds)
+    best["noisy"] = max(medians) > (1 + NOISY) * min(medians)
+    return best
+
+
+def print_table(runs):
+    """``runs``: {(model, size, setup): [result or None per round]} in table order."""
+    header = ("model", "size", "setup", "trainable", "total", "compile+1st s", "median ms/step",
+              "p10-p90 ms", "round medians", "steps", "peak RSS MB", "loss first->last")
+    rows = []
+    for (model, size, setup), rounds in runs.items():
+        res = best_round(rounds)
+        if res is None:
+            rows.append((model, size, setup, "-", "-", "-", "FAILED", "-", "failed", "-", "-", "-"))
+            continue
+        note = f" ({res['skipped']} skipped)" if res["skipped"] else ""
+        rows.append((model, size, setup, f"{res['trainable']:,}", f"{res['total']:,}",
+                     f"{res['first_step_s']:.1f}", f"{res['median_ms']:.1f}",
+                     f"{res['p10_ms']:.1f}-{res['p90_ms']:.1f}",
+                     res["rounds_text"] + (" noisy" if res["noisy"] else ""), f"{res['steps']}{note}",
+                     f"{res['peak_rss_mb']:.0f}", f"{res['loss_first']:.3f}->{res['loss_last']:.3f}"))
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths))
+    print(line.format(*header))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line.format(*row))
+
+
+def print_ratios(runs, models, sizes):
+    results = [r for r in map(best_round, runs.values()) if r is not None]
+    median = {(r["model"], r["size"], r["setup"]): r["median_ms"] for r in results}
+    noisy = {(r["model"], r["size"], r["setup"]) for r in results if r["noisy"]}
+    print("\nratios of median step time (goal: numerator <= bound x denominator; CPU stand-ins)")
+    shown = 0
+    for model in models:
+        for size in sizes:
+            for num, den, bound in GOALS:
+                key_n, key_d = (model, size, num), (model, size, den)
+                if key_n not in median or key_d not in median:
+                    continue
+                ratio = median[key_n] / median[key_d]
+                if bound is None:
+                    goal, mark = "no goal", "report"
+                else:
+                    goal, mark = f"goal <= {bound:<4}", "PASS" if ratio <= bound else "FAIL"
+                if {key_n, key_d} & noisy:
+                    mark += " (noisy)"
+                print(f"  {model:<9} {size:<6} {num + '/' + den:<26} {ratio:6.3f}   {goal:<13} {mark}")
+                shown += 1
+    if not shown:
+        print("  none: each ratio needs both of its setups of one model and size")
+
+
+def describe(model, size):
+    """One line of the model dims a (model, size) runs with, read from the YAML."""
+    import yaml  # pylint: disable=import-outside-toplevel
+    with open(MODELS[model], encoding="utf-8") as file:
+        cfg = yaml.safe_load(file)
+    mc = dict(cfg["model"]["model_config"], **SIZES[size]["model"],
+              **(SIZES[size]["moe"] if model == "qwen3_moe" else {}))
+    batch = SIZES[size]["batch_size"] or cfg["runner_config"]["batch_size"]
+    text = (f"hidden {mc['hidden_size']}, {mc['num_hidden_layers']} layers, {mc['num_attention_heads']} "
+            f"heads / {mc['num_key_value_heads']} kv, head_dim {mc['head_dim']}, ")
+    if model == "qwen3_moe":
+        text += (f"{mc['num_experts']} experts top-{mc['num_experts_per_tok']}, moe_intermediate "
+                 f"{mc['moe_intermediate_size']}, capacity factor {mc.get('moe_expert_capacity_factor')}, ")
+    else:
+        text += f"intermediate {mc['intermediate_size']}, "
+    return text + f"seq {mc['seq_length']}, vocab {mc['vocab_size']}, batch {batch}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
+    parser.add_argument("--sizes", default="tiny,small", help=f"comma list of {list(SIZES)}")
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help=f"comma list of {list(SETUPS)} ({', '.join(MOE_ONLY)}: qwen3_moe only)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"timed steps per setup (default: {DEFAULT_STEPS})")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps first, the first compiles the graph (default 2)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="fresh processes per setup, interleaved; the table shows the round with "
+                             "the lowest median (the least disturbed by other load) (default 2)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU kernel threads (ms.device_context.cpu.op_tuning.threads_num); "
+                             "0 = MindSpore's default (default 0)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per setup (default 900)")
+    parser.add_argument("--tail", type=int, default=25, help="output lines shown of a failed setup")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(MARK + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return 0
+
+    models = [m for m in args.models.split(",") if m]
+    sizes = [s for s in args.sizes.split(",") if s]
+    setups = [s for s in args.setups.split(",") if s]
+    for name, chosen, known in (("--models", models, MODELS), ("--sizes", sizes, SIZES),
+                                ("--setups", setups, SETUPS)):
+        bad = [c for c in chosen if c not in known]
+        if bad or not chosen:
+            parser.error(f"{name}: unknown {bad or chosen}; choose from {list(known)}")
+    if args.warmup < 1 or args.rounds < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--warmup, --steps and --rounds must be >= 1 (the first warmup step compiles)")
+
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"load average at start {os.getloadavg()[0]:.2f}; rank {RANK}, alpha {ALPHA}, dropout 0, "
+          f"attention targets {ATTENTION}, warmup {args.warmup}, {args.rounds} rounds, "
+          f"CPU kernel threads {args.threads or 'MindSpore default'}")
+    print("mcore models on CPU through the TEST-SIDE stand-ins of tests/mcore_cpu.py and "
+          "tests/mcore_cpu_moe.py: Ascend kernels are not measured")
+    for model in models:
+        for size in sizes:
+            print(f"  {model} {size}: {describe(model, size)}, "
+                  f"{args.steps or DEFAULT_STEPS[size]} timed steps")
+    skipped = [(m, s) for m in models for s in setups if s in MOE_ONLY and m != "qwen3_moe"]
+    if skipped:
+        print("  not run: " + ", ".join(f"{m} {s} (MoE only)" for m, s in skipped))
+    # table order: model, size, setup
+    runs = {(model, size, setup): [] for model in models for size in sizes for setup in setups
+            if (model, setup) not in skipped}
+    start = time.perf_counter()
+    for model in models:
+        model_setups = [s for s in setups if (model, s) not in skipped]
+        for size in sizes:
+            for round_no in range(args.rounds):
+                # each round starts one setup later, so a burst of other load hits a different setup
+                shift = round_no % len(model_setups)
+                for setup in model_setups[shift:] + model_setups[:shift]:
+                    key = (model, size, setup)
+                    if None in runs[key]:  # failed once: do not repeat its traceback
+                        continue
+                    spec = {"model": model, "size": size, "setup": setup,
+                            "steps": args.steps or DEFAULT_STEPS[size], "warmup": args.warmup,
+                            "threads": args.threads}
+                    res, wall, error = run_one(spec, args.timeout, args.tail)
+                    if res is None:
+                        runs[key].append(None)
+                        print(f"\n[{model} {size} {setup}] FAILED after {wall:.1f} s: {error}\n", flush=True)
+                        continue
+                    runs[key].append(res)
+                    print(f"  [{model} {size} {setup} round {round_no + 1}] {res['median_ms']:.1f} ms/step "
+                          f"({res['arch']}, {wall:.1f} s, load {os.getloadavg()[0]:.2f})", flush=True)
+    print()
+    print_table(runs)
+    print_ratios(runs, models, sizes)
+    done = [r for rounds in runs.values() for r in rounds if r is not None]
+    if done:
+        first = done[0]
+        patched = sorted({name for r in done for name in r["patched"]})
+        print(f"\nwrapper {first['wrapper']}, optimizer {first['optimizer']}, graph mode "
+              f"{first['mode']} (0 = GRAPH_MODE), MS_DEV_JIT_SYNTAX_LEVEL={first['jit_syntax_level']}; "
+              + (f"this script routed mindformers_lora_ext.tuners.experts.{'/'.join(patched)} to "
+                 "mcore_cpu_moe's stand-ins (mcore_cpu_moe.install() did not)" if patched else
+                 "expert-layer stand-ins installed by mcore_cpu_moe.install()"))
+    print(f"total wall time {time.perf_counter() - start:.0f} s; "
+          f"load average at end {os.getloadavg()[0]:.2f}")
+    return 1 if any(None in rounds for rounds in runs.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
