@@ -1,6 +1,9 @@
 """What ``run_mindformer.py``'s ``main()`` and MindFormers' trainer build before the first step,
 shared by the step-time benchmarks: the network (with its pet type), optimizer and train wrapper."""
 import os
+import resource
+import statistics
+import time
 
 import mindspore as ms
 from mindformers.core.context import build_context
@@ -73,3 +76,32 @@ def build_train_step(config, total_steps: int, threads: int = 0, construct_args_
         "lr_scheduler": lr_schedule, "grouped_lr_scheduler": None})
     wrapper.set_train(True)
     return network, wrapper
+
+
+def time_steps(wrapper, input_ids, labels, warmup: int, total_steps: int) -> dict:
+    """Run ``total_steps`` steps of ``wrapper(input_ids, labels)``, each synchronised on its
+    loss; the first ``warmup`` are untimed (the first compiles). Returns the first step's
+    seconds, the median / p10 / p90 ms of the timed steps, their count, the steps the overflow
+    check skipped, the first and last loss and the process's peak RSS (MB)."""
+    times, losses, skipped, first = [], [], 0, None
+    for step in range(total_steps):
+        start = time.perf_counter()
+        out = wrapper(input_ids, labels)
+        loss = float(out[0].asnumpy().reshape(-1)[0])  # waits for the step
+        elapsed = time.perf_counter() - start
+        if step == 0:
+            first = elapsed
+        if step >= warmup:
+            times.append(elapsed * 1e3)
+            skipped += int(bool(out[1].asnumpy()))
+        losses.append(loss)
+    times_sorted = sorted(times)
+    return {
+        "first_step_s": first,
+        "median_ms": statistics.median(times),
+        "p10_ms": times_sorted[int(0.1 * (len(times) - 1))],
+        "p90_ms": times_sorted[int(round(0.9 * (len(times) - 1)))],
+        "steps": len(times), "skipped": skipped,
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }

@@ -16,21 +16,21 @@ Every setup runs ``--rounds`` times, the rounds interleaved (each round starts o
 the table shows per setup the round with the lowest median wall time (other load on a shared
 machine only makes a round slower) and every round's median, plus the lowest median of the
 process CPU time per step (all threads; much less sensitive to other load than wall time, but
-it counts work, not latency). Ratios are against ``lora_ext`` of the same size.
+it counts work, not latency). Ratios are against ``lora_ext`` of the same size. The fresh-process
+runner and the round order are ``benchmarks/_rounds.py``'s (shared with ``step_time.py``); this
+table is its own.
 
     python benchmarks/adapter_step_time.py                      # tiny, all four, 2 rounds
     python benchmarks/adapter_step_time.py --sizes tiny,small --rounds 3 --threads 1
 """
 import argparse
 import json
-import os
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
+
+from _rounds import rotated, run_fresh  # pylint: disable=import-error
 
 MARK = "ADAPTER_STEP_TIME "
 TARGETS = ".*wq|.*wk|.*wv|.*wo"
@@ -93,22 +93,11 @@ def run_child(spec):
 
 
 def run_one(spec, timeout):
-    """One (size, setup) in a fresh interpreter (its own temp cwd: MindFormers writes ./output)."""
-    workdir = tempfile.mkdtemp(prefix=f"adapter_step_{spec['size']}_{spec['setup']}_")
-    env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                              cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-        out, err, code = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        out, err, code = str(exc.stdout or ""), str(exc.stderr or ""), f"timeout after {timeout} s"
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    for line in out.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):]), None
-    tail = "\n".join("    " + line for line in (out + "\n" + err).strip().splitlines()[-15:])
-    return None, f"exit {code}; last lines:\n{tail}"
+    """One (size, setup) in a fresh interpreter (its own temp cwd: MindFormers writes ./output);
+    returns (result or None, error text or None)."""
+    result, _, error = run_fresh(__file__, MARK, spec, f"adapter_step_{spec['size']}_{spec['setup']}_",
+                                 timeout, 15, tail_label="last lines")
+    return result, error
 
 
 def main(argv=None):
@@ -136,8 +125,7 @@ def main(argv=None):
     failed = False
     for size in sizes:
         for round_index in range(args.rounds):
-            order = setups[round_index % len(setups):] + setups[:round_index % len(setups)]
-            for setup in order:
+            for setup in rotated(setups, round_index):
                 spec = {"size": size, "setup": setup, "warmup": args.warmup, "threads": args.threads,
                         "steps": args.steps or DEFAULT_STEPS[size]}
                 result, error = run_one(spec, args.timeout)

@@ -45,15 +45,16 @@ names; per-expert A/B through the grouped matmul) and any shared experts (Qwen3-
 No full fine-tune: on CPU the mcore embedding's backward (``EmbeddingDenseBackward``) has no
 kernel.
 
-Rounds, table and ratios as in ``benchmarks/step_time.py``: each setup runs ``--rounds`` times
-(fresh processes, setups interleaved, each round starting one setup later); the table shows the
-round with the lowest median and every round's median; a setup whose round medians differ by more
-than NOISY is marked ``noisy``, and so is every ratio it enters. Ratios against goals get
-PASS/FAIL marks (not asserts): ``lora_ext / lora <= 1.00``, ``dora / lora_ext <= 1.15``;
-``lora_ext_experts / lora_ext`` (MoE) is reported without a goal. MindFormers' logs are captured;
-a failed setup prints its last lines and the run goes on. Default invocation: 28 fresh
-processes, most of each one's time being import + graph compile (10-30 s); estimated at 8-10
-minutes on 2 idle CPU cores from single runs timed on a busy machine (about 12 minutes there).
+Rounds, table and ratios as in ``benchmarks/step_time.py`` (the same code,
+``benchmarks/_rounds.py``): each setup runs ``--rounds`` times (fresh processes, setups
+interleaved, each round starting one setup later); the table shows the round with the lowest
+median and every round's median; a setup whose round medians differ by more than NOISY (15 %) is
+marked ``noisy``, and so is every ratio it enters. Ratios against goals get PASS/FAIL marks (not
+asserts): ``lora_ext / lora <= 1.00``, ``dora / lora_ext <= 1.15``; ``lora_ext_experts /
+lora_ext`` (MoE) is reported without a goal. MindFormers' logs are captured; a failed setup
+prints its last lines and the run goes on. Default invocation: 28 fresh processes, most of each
+one's time being import + graph compile (10-30 s); estimated at 8-10 minutes on 2 idle CPU cores
+from single runs timed on a busy machine (about 12 minutes there).
 
     python benchmarks/mcore_step_time.py                       # both models, tiny and small
     python benchmarks/mcore_step_time.py --models qwen3_moe --sizes small --rounds 3 --threads 1
@@ -61,13 +62,11 @@ minutes on 2 idle CPU cores from single runs timed on a busy machine (about 12 m
 import argparse
 import json
 import os
-import resource
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
+
+from _rounds import (any_failed, print_ratios, print_table, run_fresh,  # pylint: disable=import-error
+                     run_rounds)
 
 MARK = "MCORE_STEP_TIME_RESULT "
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +94,6 @@ SIZES = {
               "batch_size": 2},
 }
 DEFAULT_STEPS = {"tiny": 20, "small": 8}  # timed steps when --steps is not given
-NOISY = 0.15  # round medians of one setup further apart than this (relative): the machine was busy
 # (numerator, denominator, bound): "numerator <= bound x denominator" is the goal; None: report only
 GOALS = (("lora_ext", "lora", 1.0), ("dora", "lora_ext", 1.15), ("lora_ext_experts", "lora_ext", None))
 
@@ -141,7 +139,7 @@ def run_child(spec):
     from mindformers.pet import is_supported_pet_type
     from mindformers.tools.register import MindFormerConfig
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _trainer_step import build_train_step  # pylint: disable=import-error
+    from _trainer_step import build_train_step, time_steps  # pylint: disable=import-error
 
     patched = _install_cpu_standins()
     model, size, setup = spec["model"], spec["size"], spec["setup"]
@@ -191,27 +189,7 @@ def run_child(spec):
     input_ids = ms.Tensor(rng.integers(3, model_config.vocab_size, (batch, seq)), ms.int32)
     labels = ms.Tensor(rng.integers(3, model_config.vocab_size, (batch, seq)), ms.int32)
 
-    times, losses, skipped = [], [], 0
-    for step in range(total_steps):
-        start = time.perf_counter()
-        out = wrapper(input_ids, labels)
-        loss = float(out[0].asnumpy().reshape(-1)[0])  # waits for the step
-        elapsed = time.perf_counter() - start
-        if step == 0:
-            result["first_step_s"] = elapsed
-        if step >= spec["warmup"]:
-            times.append(elapsed * 1e3)
-            skipped += int(bool(out[1].asnumpy()))
-        losses.append(loss)
-    times_sorted = sorted(times)
-    result.update({
-        "median_ms": statistics.median(times),
-        "p10_ms": times_sorted[int(0.1 * (len(times) - 1))],
-        "p90_ms": times_sorted[int(round(0.9 * (len(times) - 1)))],
-        "steps": len(times), "skipped": skipped,
-        "loss_first": losses[0], "loss_last": losses[-1],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    })
+    result.update(time_steps(wrapper, input_ids, labels, spec["warmup"], total_steps))
     return result
 
 
@@ -219,89 +197,8 @@ def run_child(spec):
 
 def run_one(spec, timeout, tail):
     """One (model, size, setup) in a fresh interpreter; returns (result or None, wall s, error)."""
-    workdir = tempfile.mkdtemp(prefix=f"mcore_step_time_{spec['model']}_{spec['size']}_{spec['setup']}_")
-    env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                              cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
-        out, err, code = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        def text(data):
-            return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
-        out, err, code = text(exc.stdout), text(exc.stderr), f"timeout after {timeout} s"
-    finally:
-        wall = time.perf_counter() - start
-        shutil.rmtree(workdir, ignore_errors=True)
-    for line in out.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):]), wall, None
-    lines = (out + "\n" + err).strip().splitlines()
-    return None, wall, f"exit {code}; last {tail} lines of its output:\n" + "\n".join(
-        "    " + line for line in lines[-tail:])
-
-
-def best_round(rounds):
-    """The round with the lowest median (None for a failed round); None if every round failed.
-    Keeps every round's median for the table."""
-    done = [r for r in rounds if r is not None]
-    if not done:
-        return None
-    best = dict(min(done, key=lambda r: r["median_ms"]))
-    medians = [r["median_ms"] for r in done]
-    best["rounds_text"] = "/".join("failed" if r is None else f"{r['median_ms']:.1f}" for r in rounds)
-    best["noisy"] = max(medians) > (1 + NOISY) * min(medians)
-    return best
-
-
-def print_table(runs):
-    """``runs``: {(model, size, setup): [result or None per round]} in table order."""
-    header = ("model", "size", "setup", "trainable", "total", "compile+1st s", "median ms/step",
-              "p10-p90 ms", "round medians", "steps", "peak RSS MB", "loss first->last")
-    rows = []
-    for (model, size, setup), rounds in runs.items():
-        res = best_round(rounds)
-        if res is None:
-            rows.append((model, size, setup, "-", "-", "-", "FAILED", "-", "failed", "-", "-", "-"))
-            continue
-        note = f" ({res['skipped']} skipped)" if res["skipped"] else ""
-        rows.append((model, size, setup, f"{res['trainable']:,}", f"{res['total']:,}",
-                     f"{res['first_step_s']:.1f}", f"{res['median_ms']:.1f}",
-                     f"{res['p10_ms']:.1f}-{res['p90_ms']:.1f}",
-                     res["rounds_text"] + (" noisy" if res["noisy"] else ""), f"{res['steps']}{note}",
-                     f"{res['peak_rss_mb']:.0f}", f"{res['loss_first']:.3f}->{res['loss_last']:.3f}"))
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths))
-    print(line.format(*header))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line.format(*row))
-
-
-def print_ratios(runs, models, sizes):
-    results = [r for r in map(best_round, runs.values()) if r is not None]
-    median = {(r["model"], r["size"], r["setup"]): r["median_ms"] for r in results}
-    noisy = {(r["model"], r["size"], r["setup"]) for r in results if r["noisy"]}
-    print("\nratios of median step time (goal: numerator <= bound x denominator; CPU stand-ins)")
-    shown = 0
-    for model in models:
-        for size in sizes:
-            for num, den, bound in GOALS:
-                key_n, key_d = (model, size, num), (model, size, den)
-                if key_n not in median or key_d not in median:
-                    continue
-                ratio = median[key_n] / median[key_d]
-                if bound is None:
-                    goal, mark = "no goal", "report"
-                else:
-                    goal, mark = f"goal <= {bound:<4}", "PASS" if ratio <= bound else "FAIL"
-                if {key_n, key_d} & noisy:
-                    mark += " (noisy)"
-                print(f"  {model:<9} {size:<6} {num + '/' + den:<26} {ratio:6.3f}   {goal:<13} {mark}")
-                shown += 1
-    if not shown:
-        print("  none: each ratio needs both of its setups of one model and size")
+    prefix = f"mcore_step_time_{spec['model']}_{spec['size']}_{spec['setup']}_"
+    return run_fresh(__file__, MARK, spec, prefix, timeout, tail)
 
 
 def describe(model, size):
@@ -371,34 +268,23 @@ def main(argv=None):
     skipped = [(m, s) for m in models for s in setups if s in MOE_ONLY and m != "qwen3_moe"]
     if skipped:
         print("  not run: " + ", ".join(f"{m} {s} (MoE only)" for m, s in skipped))
-    # table order: model, size, setup
-    runs = {(model, size, setup): [] for model in models for size in sizes for setup in setups
-            if (model, setup) not in skipped}
     start = time.perf_counter()
+
+    def run(key):
+        model, size, setup = key
+        return run_one({"model": model, "size": size, "setup": setup,
+                        "steps": args.steps or DEFAULT_STEPS[size], "warmup": args.warmup,
+                        "threads": args.threads}, args.timeout, args.tail)
+
+    groups = []  # [((model, size), its setups)] in table order: model, size, setup
     for model in models:
         model_setups = [s for s in setups if (model, s) not in skipped]
-        for size in sizes:
-            for round_no in range(args.rounds):
-                # each round starts one setup later, so a burst of other load hits a different setup
-                shift = round_no % len(model_setups)
-                for setup in model_setups[shift:] + model_setups[:shift]:
-                    key = (model, size, setup)
-                    if None in runs[key]:  # failed once: do not repeat its traceback
-                        continue
-                    spec = {"model": model, "size": size, "setup": setup,
-                            "steps": args.steps or DEFAULT_STEPS[size], "warmup": args.warmup,
-                            "threads": args.threads}
-                    res, wall, error = run_one(spec, args.timeout, args.tail)
-                    if res is None:
-                        runs[key].append(None)
-                        print(f"\n[{model} {size} {setup}] FAILED after {wall:.1f} s: {error}\n", flush=True)
-                        continue
-                    runs[key].append(res)
-                    print(f"  [{model} {size} {setup} round {round_no + 1}] {res['median_ms']:.1f} ms/step "
-                          f"({res['arch']}, {wall:.1f} s, load {os.getloadavg()[0]:.2f})", flush=True)
+        groups += [((model, size), model_setups) for size in sizes if model_setups]
+    runs = run_rounds(groups, args.rounds, run, arch_key="arch")  # {(model, size, setup): [...]}
     print()
-    print_table(runs)
-    print_ratios(runs, models, sizes)
+    print_table(runs, ("model", "size", "setup"))
+    if not print_ratios(runs, GOALS, (9, 6), 26, note="; CPU stand-ins"):
+        print("  none: each ratio needs both of its setups of one model and size")
     done = [r for rounds in runs.values() for r in rounds if r is not None]
     if done:
         first = done[0]
@@ -410,7 +296,7 @@ def main(argv=None):
                  "expert-layer stand-ins installed by mcore_cpu_moe.install()"))
     print(f"total wall time {time.perf_counter() - start:.0f} s; "
           f"load average at end {os.getloadavg()[0]:.2f}")
-    return 1 if any(None in rounds for rounds in runs.values()) else 0
+    return 1 if any_failed(runs) else 0
 
 
 if __name__ == "__main__":

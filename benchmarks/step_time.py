@@ -19,11 +19,12 @@ For each (size, setup) a fresh interpreter (run one after another, never in para
 Each setup runs ``--rounds`` times (fresh processes, the setups interleaved, each round starting
 one setup later); the table shows, per setup, the round with the lowest median and lists every
 round's median, since other load on the machine only ever makes a round slower. A setup whose
-round medians differ by more than NOISY (the machine was busy) is marked ``noisy``, and so is
-every ratio it enters: on a shared 2-core machine such ratios can be off by 2x. Prints the
+round medians differ by more than NOISY (15 %: the machine was busy) is marked ``noisy``, and so
+is every ratio it enters: on a shared 2-core machine such ratios can be off by 2x. Prints the
 table (median ms/step, p10-p90, compile + first step, peak RSS) and the ratios against the
 goals (PASS/FAIL marks, not asserts). MindFormers' logs are captured; a failed setup prints its
-last lines. Default invocation: about 5-7 minutes on 2 CPU cores.
+last lines. The fresh-process runner, rounds, table and ratios are ``benchmarks/_rounds.py``
+(shared with ``mcore_step_time.py``). Default invocation: about 5-7 minutes on 2 CPU cores.
 
 MindSpore's CPU runtime runs each kernel on 2 threads here; when something else keeps one core
 busy, every such kernel waits for its second half and a step can take twice as long.
@@ -35,13 +36,11 @@ busy, every such kernel waits for its second half and a step can take twice as l
 import argparse
 import json
 import os
-import resource
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
+
+from _rounds import (any_failed, print_ratios, print_table, run_fresh,  # pylint: disable=import-error
+                     run_rounds)
 
 MARK = "STEP_TIME_RESULT "
 
@@ -55,7 +54,6 @@ SIZES = {
     "small": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "seq_length": 256, "batch_size": 2},
 }
 DEFAULT_STEPS = {"tiny": 50, "small": 15}  # timed steps when --steps is not given
-NOISY = 0.15  # round medians of one setup further apart than this (relative): the machine was busy
 # (numerator, denominator, bound): "numerator <= bound x denominator" is the goal.
 GOALS = (("lora_ext", "lora", 1.0), ("dora", "lora_ext", 1.15),
          ("lora_ext", "full", 0.75), ("lora", "full", 0.75))
@@ -78,7 +76,7 @@ def run_child(spec):
     import mindspore as ms
     from mindformers.pet import is_supported_pet_type
     from mindformers.tools.register import MindFormerConfig
-    from _trainer_step import build_train_step, sized_config  # pylint: disable=import-error
+    from _trainer_step import build_train_step, time_steps, sized_config  # pylint: disable=import-error
 
     setup, dims = spec["setup"], SIZES[spec["size"]]
     config = sized_config(dims)
@@ -112,27 +110,7 @@ def run_child(spec):
     input_ids = ms.Tensor(rng.integers(3, model_config.vocab_size, shape), ms.int32)
     labels = ms.Tensor(rng.integers(3, model_config.vocab_size, shape), ms.int32)
 
-    times, losses, skipped = [], [], 0
-    for step in range(total_steps):
-        start = time.perf_counter()
-        out = wrapper(input_ids, labels)
-        loss = float(out[0].asnumpy().reshape(-1)[0])  # waits for the step
-        elapsed = time.perf_counter() - start
-        if step == 0:
-            result["first_step_s"] = elapsed
-        if step >= spec["warmup"]:
-            times.append(elapsed * 1e3)
-            skipped += int(bool(out[1].asnumpy()))
-        losses.append(loss)
-    times_sorted = sorted(times)
-    result.update({
-        "median_ms": statistics.median(times),
-        "p10_ms": times_sorted[int(0.1 * (len(times) - 1))],
-        "p90_ms": times_sorted[int(round(0.9 * (len(times) - 1)))],
-        "steps": len(times), "skipped": skipped,
-        "loss_first": losses[0], "loss_last": losses[-1],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    })
+    result.update(time_steps(wrapper, input_ids, labels, spec["warmup"], total_steps))
     return result
 
 
@@ -141,80 +119,7 @@ def run_child(spec):
 def run_one(size, setup, steps, warmup, threads, timeout, tail):
     """One (size, setup) in a fresh interpreter; returns (result or None, wall s, error text)."""
     spec = {"size": size, "setup": setup, "steps": steps, "warmup": warmup, "threads": threads}
-    workdir = tempfile.mkdtemp(prefix=f"step_time_{size}_{setup}_")  # MindFormers writes ./output
-    env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                              cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
-        out, err, code = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        def text(data):
-            return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
-        out, err, code = text(exc.stdout), text(exc.stderr), f"timeout after {timeout} s"
-    finally:
-        wall = time.perf_counter() - start
-        shutil.rmtree(workdir, ignore_errors=True)
-    for line in out.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):]), wall, None
-    lines = (out + "\n" + err).strip().splitlines()
-    return None, wall, f"exit {code}; last {tail} lines of its output:\n" + "\n".join(
-        "    " + line for line in lines[-tail:])
-
-
-def best_round(rounds):
-    """The round with the lowest median (None for a failed round); None if every round failed.
-    Keeps every round's median for the table."""
-    done = [r for r in rounds if r is not None]
-    if not done:
-        return None
-    best = dict(min(done, key=lambda r: r["median_ms"]))
-    medians = [r["median_ms"] for r in done]
-    best["rounds_text"] = "/".join("failed" if r is None else f"{r['median_ms']:.1f}" for r in rounds)
-    best["noisy"] = max(medians) > (1 + NOISY) * min(medians)
-    return best
-
-
-def print_table(runs):
-    """``runs``: {(size, setup): [result or None per round]} in table order."""
-    header = ("size", "setup", "trainable", "total", "compile+1st s", "median ms/step",
-              "p10-p90 ms", "round medians", "steps", "peak RSS MB", "loss first->last")
-    rows = []
-    for (size, setup), rounds in runs.items():
-        res = best_round(rounds)
-        if res is None:
-            rows.append((size, setup, "-", "-", "-", "FAILED", "-", "failed", "-", "-", "-"))
-            continue
-        note = f" ({res['skipped']} skipped)" if res["skipped"] else ""
-        rows.append((size, setup, f"{res['trainable']:,}", f"{res['total']:,}",
-                     f"{res['first_step_s']:.1f}", f"{res['median_ms']:.1f}",
-                     f"{res['p10_ms']:.1f}-{res['p90_ms']:.1f}",
-                     res["rounds_text"] + (" noisy" if res["noisy"] else ""), f"{res['steps']}{note}",
-                     f"{res['peak_rss_mb']:.0f}", f"{res['loss_first']:.3f}->{res['loss_last']:.3f}"))
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
-    print(line.format(*header))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line.format(*row))
-
-
-def print_ratios(runs, sizes):
-    results = [r for r in map(best_round, runs.values()) if r is not None]
-    median = {(r["size"], r["setup"]): r["median_ms"] for r in results}
-    noisy = {(r["size"], r["setup"]) for r in results if r["noisy"]}
-    print("\nratios of median step time (goal: numerator <= bound x denominator)")
-    for size in sizes:
-        for num, den, bound in GOALS:
-            if (size, num) not in median or (size, den) not in median:
-                continue
-            ratio = median[(size, num)] / median[(size, den)]
-            mark = "PASS" if ratio <= bound else "FAIL"
-            if {(size, num), (size, den)} & noisy:
-                mark += " (noisy)"
-            print(f"  {size:<6} {num + '/' + den:<16} {ratio:6.3f}   goal <= {bound:<4}  {mark}")
+    return run_fresh(__file__, MARK, spec, f"step_time_{size}_{setup}_", timeout, tail)
 
 
 def main(argv=None):
@@ -258,33 +163,20 @@ def main(argv=None):
         print(f"  {size}: hidden {dims['hidden_size']}, {dims['num_layers']} layers, "
               f"{dims['num_heads']} heads, seq {dims['seq_length']}, batch {dims['batch_size']}, "
               f"vocab 128, {args.steps or DEFAULT_STEPS[size]} timed steps")
-    runs = {(size, setup): [] for size in sizes for setup in setups}  # table order
     start = time.perf_counter()
-    for size in sizes:
-        for round_no in range(args.rounds):
-            # each round starts one setup later, so a burst of other load hits a different setup
-            shift = round_no % len(setups)
-            for setup in setups[shift:] + setups[:shift]:
-                if None in runs[(size, setup)]:  # failed once: do not repeat its traceback
-                    continue
-                steps = args.steps or DEFAULT_STEPS[size]
-                res, wall, error = run_one(size, setup, steps, args.warmup, args.threads, args.timeout,
-                                           args.tail)
-                if res is None:
-                    runs[(size, setup)].append(None)
-                    print(f"\n[{size} {setup}] FAILED after {wall:.1f} s: {error}\n", flush=True)
-                    continue
-                runs[(size, setup)].append(res)
-                print(f"  [{size} {setup} round {round_no + 1}] {res['median_ms']:.1f} ms/step "
-                      f"({res['model']}, {wall:.1f} s, load {os.getloadavg()[0]:.2f})", flush=True)
+    runs = run_rounds(  # {(size, setup): [result or None per round]} in table order
+        [((size,), setups) for size in sizes], args.rounds,
+        lambda key: run_one(*key, args.steps or DEFAULT_STEPS[key[0]], args.warmup, args.threads,
+                            args.timeout, args.tail),
+        arch_key="model")
     print()
-    print_table(runs)
-    print_ratios(runs, sizes)
+    print_table(runs, ("size", "setup"))
+    print_ratios(runs, GOALS, (6,), 16)
     done = [r for rounds in runs.values() for r in rounds if r is not None]
     print(f"\nwrapper {done[0]['wrapper'] if done else '?'}, optimizer "
           f"{done[0]['optimizer'] if done else '?'}; total wall time "
           f"{time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
-    return 1 if any(None in rounds for rounds in runs.values()) else 0
+    return 1 if any_failed(runs) else 0
 
 
 if __name__ == "__main__":
