@@ -6,6 +6,14 @@ checkpoint root also holds ``latest`` (the name of the newest complete directory
 atomically after the directory exists. So a kill -9 at any moment leaves every visible
 ``step_<N>`` directory complete and ``latest`` pointing at one of them.
 Only safetensors are read (no pickle); an unreadable file is an error naming it.
+
+Our own metadata (``mindformers_*`` keys: the pet type, the MindFormers <-> HF name map) lives in
+``mindformers_adapter.json`` beside them, where HF PEFT does not look: PEFT warns about every
+unknown key of adapter_config.json. The read side merges it back (and still accepts directories
+written before it existed, with the keys inside adapter_config.json).
+An adapter that HF PEFT cannot hold exactly (e.g. LoKr on a cell fusing q/k/v) is written in
+MindFormers' names with no adapter_config.json, its config in the sidecar under ``config`` and
+the reason under ``not_peft``: PEFT never sees a directory it would misread, and we read it back.
 """
 import json
 import os
@@ -20,6 +28,10 @@ from safetensors.numpy import load_file, save_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+META_NAME = "mindformers_adapter.json"
+OURS = "mindformers_"  # prefix of our keys in the config dicts this module reads and writes
+PET_TYPE_KEY = OURS + "pet_type"
+HF_MAP_KEY = OURS + "hf_map"
 LATEST = "latest"
 STEP_DIR = re.compile(r"step_(\d+)")
 _TMP_PREFIX = ".tmp-"
@@ -37,12 +49,35 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def split_config(config: dict) -> Tuple[dict, dict]:
+    """(what adapter_config.json holds, our ``mindformers_*`` keys without the prefix)."""
+    peft = {k: v for k, v in config.items() if not k.startswith(OURS)}
+    ours = {k[len(OURS):]: v for k, v in config.items() if k.startswith(OURS)}
+    return peft, ours
+
+
+NOT_PEFT_KEY = OURS + "not_peft"
+
+
+def write_config_files(directory: str, config: dict) -> None:
+    """adapter_config.json (PEFT's keys) and, if any, mindformers_adapter.json (ours) in
+    ``directory``; with ``mindformers_not_peft`` set, everything goes to the sidecar."""
+    peft, ours = split_config(config)
+    if ours.get("not_peft"):
+        ours["config"] = peft
+    else:
+        write_text_atomic(os.path.join(directory, CONFIG_NAME), json.dumps(peft, indent=2, sort_keys=True))
+    if ours:
+        write_text_atomic(os.path.join(directory, META_NAME), json.dumps(ours, indent=1, sort_keys=True))
+
+
 def write_adapter_dir(directory: str, tensors: Dict[str, np.ndarray], config: dict,
                       extra: Optional[Callable[[str], None]] = None) -> str:
     """Write ``directory`` atomically (replacing an existing one); returns its path.
 
     ``tensors`` go to adapter_model.safetensors (PEFT's metadata ``format: pt``), ``config``
-    to adapter_config.json; ``extra(tmp_dir)`` may add more files before the rename.
+    to adapter_config.json and mindformers_adapter.json (see :func:`split_config`);
+    ``extra(tmp_dir)`` may add more files before the rename.
     """
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
@@ -51,8 +86,7 @@ def write_adapter_dir(directory: str, tensors: Dict[str, np.ndarray], config: di
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                   os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as handle:
-            json.dump(config, handle, indent=2, sort_keys=True)
+        write_config_files(tmp, config)
         if extra is not None:
             extra(tmp)
         for name in os.listdir(tmp):
@@ -91,19 +125,47 @@ def write_text_atomic(path: str, text: str) -> None:
         raise
 
 
-def read_adapter_dir(directory: str) -> Tuple[dict, Dict[str, np.ndarray]]:
-    """(adapter_config.json dict, tensors by key) of an adapter directory."""
-    config_path = os.path.join(directory, CONFIG_NAME)
-    weights_path = os.path.join(directory, WEIGHTS_NAME)
-    for path in (config_path, weights_path):
+def read_config(directory: str) -> dict:
+    """adapter_config.json with our keys from mindformers_adapter.json merged back (prefixed)."""
+    config_path, meta_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, META_NAME)
+    if not is_adapter_dir(directory):
+        raise AdapterFileError(f"{config_path} is missing: not an adapter directory "
+                               f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    config = {}
+    for path in (config_path, meta_path):
         if not os.path.isfile(path):
-            raise AdapterFileError(f"{path} is missing: not an adapter directory "
-                                   f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise AdapterFileError(f"{path} is not valid JSON: {exc}") from exc
+        if path == meta_path:
+            config.update(data.pop("config", None) or {})
+            data = {OURS + k: v for k, v in data.items()}
+        config.update(data)
+    return config
+
+
+def is_adapter_dir(directory: str) -> bool:
+    """An adapter directory: PEFT's adapter_config.json, or our sidecar holding the config of
+    an adapter PEFT cannot hold (``not_peft``)."""
+    if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        return True
     try:
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from exc
+        with open(os.path.join(directory, META_NAME), encoding="utf-8") as handle:
+            return bool(json.load(handle).get("not_peft"))
+    except (OSError, ValueError):
+        return False
+
+
+def read_adapter_dir(directory: str) -> Tuple[dict, Dict[str, np.ndarray]]:
+    """(adapter_config.json dict with our keys merged back, tensors by key) of an adapter directory."""
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    config = read_config(directory)
+    if not os.path.isfile(weights_path):
+        raise AdapterFileError(f"{weights_path} is missing: not an adapter directory "
+                               f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -126,13 +188,13 @@ def step_dirs(root: str) -> List[Tuple[int, str]]:
 
 def resolve_adapter_dir(path: str) -> str:
     """An adapter directory itself, or a checkpoint root (its ``latest``, else newest step)."""
-    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+    if is_adapter_dir(path):
         return path
     latest = os.path.join(path, LATEST)
     if os.path.isfile(latest):
         with open(latest, encoding="utf-8") as handle:
             target = os.path.join(path, handle.read().strip())
-        if os.path.isfile(os.path.join(target, CONFIG_NAME)):
+        if is_adapter_dir(target):
             return target
     steps = step_dirs(path)
     if steps:

@@ -44,6 +44,10 @@ def _cmd_export(args) -> int:
     if os.path.isdir(args.adapter):  # one of our adapter dirs (already PEFT's layout): a clean copy
         source = adapter_files.resolve_adapter_dir(args.adapter)
         config, tensors = adapter_files.read_adapter_dir(source)
+        try:
+            peft_format.check_peft(config, source)
+        except adapter_files.AdapterFileError as exc:
+            raise SystemExit(str(exc)) from exc
         adapter_files.write_adapter_dir(args.out, tensors, config)
         print(f"exported {source} -> {args.out} ({len(tensors)} tensors)")
         return 0
@@ -64,10 +68,42 @@ def _cmd_export(args) -> int:
     if not cells:
         raise SystemExit(f"{args.adapter}: no adapter tensor of pet_type {pet.pet_type!r} (e.g. "
                          f"'<cell>.lora_A', '<cell>.hada_w1_a'): wrong --config for this checkpoint?")
-    adapter_files.write_adapter_dir(args.out, peft_format.to_peft_tensors(arrays, pet),
-                                    peft_format.peft_config_dict(pet, cells))
+    names = _run_names(args.names, args.adapter, cells)
+    try:
+        adapter_files.write_adapter_dir(args.out, peft_format.to_peft_tensors(arrays, pet, names),
+                                        peft_format.peft_config_dict(pet, names))
+    except ValueError as exc:  # hf_map.HfMapError: a cell PEFT cannot hold exactly
+        raise SystemExit(f"{args.adapter} cannot be exported to HF PEFT: {exc}") from exc
     print(f"exported {len(cells)} adapted cells ({len(arrays)} tensors) from {args.adapter} -> {args.out}")
     return 0
+
+
+def _run_names(path, checkpoint, cells):
+    """The HF name map of a run checkpoint's cells: ``path`` (a mindformers_adapter.json or an
+    adapter directory), else the sidecar that the run wrote to its output directory (searched
+    from the checkpoint upwards), else legacy Llama's table if it names every cell."""
+    # pylint: disable=import-outside-toplevel
+    import json
+    from mindformers_lora_ext import adapter_files, hf_map
+    from mindformers_lora_ext.naming import hf_module_name
+    candidates = [path if not os.path.isdir(path) else os.path.join(path, adapter_files.META_NAME)] if path else []
+    if not path:
+        here = os.path.dirname(os.path.abspath(checkpoint))
+        for _ in range(5):
+            candidates.append(os.path.join(here, adapter_files.META_NAME))
+            here = os.path.dirname(here)
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            with open(candidate, encoding="utf-8") as handle:
+                data = json.load(handle).get("hf_map")
+            if data and set(cells) <= set(data["cells"]):
+                return hf_map.HfMap.from_json(data)
+    unnamed = [c for c in cells if hf_module_name(c) == c]
+    if unnamed:
+        raise SystemExit(f"no HF names for cells {unnamed[:3]} of {checkpoint}: not legacy Llama cells, and no "
+                         f"{adapter_files.META_NAME} with their map was found (pass --names, the file the run "
+                         f"wrote to its output_dir)")
+    return hf_map.legacy_map(cells)
 
 
 def _cmd_import(args) -> int:
@@ -78,7 +114,7 @@ def _cmd_import(args) -> int:
     directory = adapter_files.resolve_adapter_dir(args.peft)
     config, tensors = adapter_files.read_adapter_dir(directory)
     pet = peft_format.pet_config_from_peft(config)
-    arrays = peft_format.from_peft_tensors(tensors, _pet_config(pet))
+    arrays = peft_format.from_peft_tensors(tensors, _pet_config(pet), peft_format.hf_map_of(config))
     save_mindspore_checkpoint(sorted(arrays.items()), args.out)
     print(f"imported {directory} -> {args.out} ({len(arrays)} tensors, MindFormers names). Its pet_config:")
     print(yaml.safe_dump({"pet_config": pet}, sort_keys=False).rstrip())
@@ -92,7 +128,7 @@ def _cmd_merge(args) -> int:
     directory = adapter_files.resolve_adapter_dir(args.adapter)
     config, tensors = adapter_files.read_adapter_dir(directory)
     pet = _pet_config(peft_format.pet_config_from_peft(config))
-    adapter = peft_format.from_peft_tensors(tensors, pet)
+    adapter = peft_format.from_peft_tensors(tensors, pet, peft_format.hf_map_of(config))
     if args.base.endswith(".safetensors"):
         with tqdm(total=os.path.getsize(args.base), unit="B", unit_scale=True, desc="merge") as bar:
             counts = merge.merge_safetensors_streaming(args.base, args.out, adapter, pet, bar.update)
@@ -112,7 +148,7 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-_INSPECT_SHOWN_ELSEWHERE = {"peft_type", "mindformers_pet_type", "target_modules", "rank_pattern", "task_type",
+_INSPECT_SHOWN_ELSEWHERE = {"peft_type", "mindformers_pet_type", "mindformers_hf_map", "target_modules", "rank_pattern", "task_type",
                             "base_model_name_or_path", "inference_mode", "fan_in_fan_out", "bias"}
 
 
@@ -166,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "needs --config)")
     export.add_argument("--to", choices=["peft"], default="peft", help="target format")
     export.add_argument("--config", help="the run's YAML, for a checkpoint --adapter")
+    export.add_argument("--names", help="for a checkpoint of an mcore model: the run's mindformers_adapter.json "
+                                        "(its HF name map; default: found beside the checkpoint or above it)")
     export.add_argument("out", help="output directory")
     export.set_defaults(func=_cmd_export)
     imp = sub.add_parser("import", help="HF PEFT LoRA directory -> MindSpore checkpoint (our names)")

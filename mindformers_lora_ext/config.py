@@ -321,14 +321,17 @@ class LoraExtConfig(AdapterConfig):
     default 16), ``lora_dropout`` ([0, 1)), ``use_rslora`` (s = alpha/sqrt(r) instead of
     alpha/r), ``use_dora``, ``init_lora_weights`` (true/kaiming, false, gaussian, pissa,
     pissa_niter_N, olora), ``rank_pattern`` / ``alpha_pattern`` ({regex: value}), ``lora_bias``
-    (a trainable bias on B), plus the targeting keys of AdapterConfig.
+    (a trainable bias on B), ``fused_cells`` (shared: one adapter per MindFormers cell, also for a
+    cell fusing several HF modules such as mcore ``linear_qkv`` = q/k/v and ``linear_fc1`` =
+    gate/up; per_hf_module: one adapter per HF module inside such cells, as HF PEFT trains them,
+    each of rank ``lora_rank`` and scaling from it), plus the targeting keys of AdapterConfig.
     """
 
     pet_type_name = "lora_ext"
     ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
     DEFAULTS = dict(AdapterConfig.DEFAULTS, lora_rank=8, lora_alpha=16, lora_dropout=0.0,
                     use_rslora=False, use_dora=False, init_lora_weights=True, rank_pattern=None,
-                    alpha_pattern=None, lora_bias=False, use_fused_kernel="auto")
+                    alpha_pattern=None, lora_bias=False, use_fused_kernel="auto", fused_cells="shared")
 
     def _validate(self, values):
         values = super()._validate(values)
@@ -344,6 +347,11 @@ class LoraExtConfig(AdapterConfig):
         values["alpha_pattern"] = _check_pattern_dict("alpha_pattern", values["alpha_pattern"],
                                                       _check_alpha)
         values["use_fused_kernel"] = _check_use_fused(values["use_fused_kernel"])
+        values["fused_cells"] = _check_choice("fused_cells", values["fused_cells"], FUSED_CELLS)
+        if values["fused_cells"] == "per_hf_module" and values["init_lora_weights"] not in (True, "gaussian"):
+            raise PetConfigError(
+                f"{_key('fused_cells')} = per_hf_module needs init_lora_weights true or gaussian (B starts "
+                f"at zero, so each module's adapter starts apart), got {values['init_lora_weights']!r}")
         if values["use_fused_kernel"] is True and values["use_dora"]:
             raise PetConfigError(f"{_key('use_fused_kernel')} = true: the fused kernel computes plain "
                                  f"LoRA; DoRA (use_dora) runs as the MindSpore composition (use auto)")
@@ -356,11 +364,12 @@ class LoraExtConfig(AdapterConfig):
                 f"PEFT), got {values['init_lora_weights']!r}")
         return values
 
-    def peft_fields(self, adapter_names) -> dict:
-        """The LoraConfig-specific fields of ``adapter_config.json``."""
-        rank_pattern, alpha_pattern = _resolved_patterns(self, adapter_names, self.lora_rank, self.lora_alpha)
+    def peft_fields(self, names) -> dict:
+        """The LoraConfig-specific fields of ``adapter_config.json`` for the adapted cells of
+        ``names`` (an hf_map.HfMap)."""
+        rank_pattern, alpha_pattern = _resolved_patterns(self, names, self.lora_rank, self.lora_alpha)
         return {"peft_type": "LORA", "r": self.lora_rank, "lora_alpha": self.lora_alpha,
-                "lora_dropout": self.lora_dropout, "target_modules": _hf_targets(adapter_names),
+                "lora_dropout": self.lora_dropout, "target_modules": _hf_targets(names),
                 "bias": "none", "fan_in_fan_out": False, "init_lora_weights": self.init_lora_weights,
                 "use_rslora": self.use_rslora, "use_dora": self.use_dora, "lora_bias": self.lora_bias,
                 "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
@@ -386,6 +395,9 @@ def _check_use_fused(value):
 
 def _check_alpha(name, value):
     return _check_real(name, value, 0, float("inf"), low_open=True, high_open=True)
+
+
+FUSED_CELLS = ("shared", "per_hf_module")
 
 
 class DoraConfig(LoraExtConfig):
@@ -452,25 +464,25 @@ def _check_dropout(name, value):
     return _check_real(name, value, 0, 1, high_open=True)
 
 
-def _resolved_patterns(config, adapter_names, rank, alpha):
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` resolved per adapted cell: full HF module
-    name -> value, only where it differs from the default ``rank`` / ``alpha`` (PEFT matches a
-    full name exactly, so our regexes need no translation)."""
-    from mindformers_lora_ext.naming import hf_module_name  # pylint: disable=import-outside-toplevel
+def _resolved_patterns(config, names, rank, alpha):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` resolved per adapted cell of ``names`` (an
+    hf_map.HfMap): full HF module name -> value, only where it differs from the default ``rank``
+    / ``alpha`` (PEFT matches a full name exactly, so our regexes need no translation); every HF
+    module of a fused cell gets the cell's value."""
     rank_pattern, alpha_pattern = {}, {}
-    for name in adapter_names:
+    for name, modules in names.hf_modules().items():
         spec = config.module_options(name)
-        if spec.rank != rank:
-            rank_pattern[hf_module_name(name)] = spec.rank
-        if spec.alpha != alpha:
-            alpha_pattern[hf_module_name(name)] = spec.alpha
+        for module in modules:
+            if spec.rank != rank:
+                rank_pattern[module] = spec.rank
+            if spec.alpha != alpha:
+                alpha_pattern[module] = spec.alpha
     return rank_pattern, alpha_pattern
 
 
-def _hf_targets(adapter_names):
-    """PEFT's ``target_modules``: the (HF Llama) last name components of the adapted cells."""
-    from mindformers_lora_ext.naming import hf_module_name  # pylint: disable=import-outside-toplevel
-    return sorted({hf_module_name(n).rsplit(".", 1)[-1] for n in adapter_names})
+def _hf_targets(names):
+    """PEFT's ``target_modules``: the last name components of the HF modules of ``names``."""
+    return sorted({m.rsplit(".", 1)[-1] for modules in names.hf_modules().values() for m in modules})
 
 
 @dataclass(frozen=True)
@@ -527,9 +539,9 @@ class VeraConfig(AdapterConfig):
         return VeraSpec(rank=self.r, dropout=self.vera_dropout, d_initial=self.d_initial,
                         init_weights=self.init_weights)
 
-    def peft_fields(self, adapter_names) -> dict:
+    def peft_fields(self, names) -> dict:
         """The VeraConfig-specific fields of ``adapter_config.json``."""
-        return {"peft_type": self.PEFT_TYPE, "r": self.r, "target_modules": _hf_targets(adapter_names),
+        return {"peft_type": self.PEFT_TYPE, "r": self.r, "target_modules": _hf_targets(names),
                 "projection_prng_key": self.projection_prng_key, "save_projection": self.save_projection,
                 "vera_dropout": self.vera_dropout, "d_initial": self.d_initial, "fan_in_fan_out": False,
                 "bias": "none", "init_weights": self.init_weights}
@@ -596,12 +608,12 @@ class _LycorisConfig(AdapterConfig):
         """The settings of target cell ``name`` (rank_pattern / alpha_pattern applied)."""
         return LycorisSpec(**self._spec_fields(name))
 
-    def peft_fields(self, adapter_names) -> dict:
+    def peft_fields(self, names) -> dict:
         """The method-specific fields of ``adapter_config.json`` (patterns resolved per module,
         with full HF module names, as for LoRA)."""
-        rank_pattern, alpha_pattern = _resolved_patterns(self, adapter_names, self.r, self.alpha)
+        rank_pattern, alpha_pattern = _resolved_patterns(self, names, self.r, self.alpha)
         return {"peft_type": self.PEFT_TYPE, "r": self.r, "alpha": self.alpha,
-                "target_modules": _hf_targets(adapter_names), "exclude_modules": None,
+                "target_modules": _hf_targets(names), "exclude_modules": None,
                 "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,
                 "use_effective_conv2d": False, "init_weights": self.init_weights,
                 "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
@@ -660,8 +672,8 @@ class LokrConfig(_LycorisConfig):
         return LycorisSpec(**self._spec_fields(name), rank_dropout_scale=self.rank_dropout_scale,
                            decompose_both=self.decompose_both, decompose_factor=self.decompose_factor)
 
-    def peft_fields(self, adapter_names) -> dict:
-        return dict(super().peft_fields(adapter_names), decompose_both=self.decompose_both,
+    def peft_fields(self, names) -> dict:
+        return dict(super().peft_fields(names), decompose_both=self.decompose_both,
                     decompose_factor=self.decompose_factor, rank_dropout_scale=self.rank_dropout_scale)
 
     @classmethod
@@ -767,37 +779,39 @@ class AdaLoraConfig(AdapterConfig):
             values["rank_pattern"] = {k: list(v) for k, v in pattern.items()}
         return values
 
-    def peft_fields(self, adapter_names) -> dict:
+    def peft_fields(self, names) -> dict:
         """The AdaLoraConfig fields of ``adapter_config.json`` (rank_pattern keys are
-        ``<hf module>.lora_E``, as PEFT writes them)."""
-        from mindformers_lora_ext.naming import hf_module_name  # pylint: disable=import-outside-toplevel
+        ``<hf module>.lora_E``, as PEFT writes them). A cell fusing several HF modules is refused
+        (hf_map.HfMapError): its rank budget is one mask for all of them."""
         return {"peft_type": self.PEFT_TYPE, "r": self.init_r, "init_r": self.init_r,
                 "target_r": self.target_r, "tinit": self.tinit, "tfinal": self.tfinal,
                 "deltaT": self.deltaT, "beta1": self.beta1, "beta2": self.beta2,
                 "orth_reg_weight": self.orth_reg_weight, "total_step": self.total_step,
                 "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-                "target_modules": _hf_targets(adapter_names), "bias": "none", "fan_in_fan_out": False,
-                "rank_pattern": ({f"{hf_module_name(k)}.lora_E": v for k, v in self.rank_pattern.items()}
+                "target_modules": _hf_targets(names), "bias": "none", "fan_in_fan_out": False,
+                "rank_pattern": ({f"{names.module(k)}.lora_E": v for k, v in self.rank_pattern.items()}
                                  if self.rank_pattern else None)}
 
     @classmethod
-    def pet_fields_from_peft(cls, data: dict) -> dict:
-        """Our keys for a PEFT AdaLoraConfig dict."""
+    def pet_fields_from_peft(cls, data: dict, mf_module=None) -> dict:
+        """Our keys for a PEFT AdaLoraConfig dict (``mf_module``: HF module name -> our cell name,
+        legacy Llama's table by default)."""
         from mindformers_lora_ext.naming import mf_module_name  # pylint: disable=import-outside-toplevel
+        mf_module = mf_module or mf_module_name
         pattern = data.get("rank_pattern")
         if pattern:
-            pattern = {mf_module_name(k[: -len(".lora_E")] if k.endswith(".lora_E") else k): list(v)
+            pattern = {mf_module(k[: -len(".lora_E")] if k.endswith(".lora_E") else k): list(v)
                        for k, v in pattern.items()}
         fields = {k: data[k] for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
                                        "orth_reg_weight", "total_step", "lora_alpha", "lora_dropout")
                   if data.get(k) is not None}
         return dict(fields, rank_pattern=pattern or None)
 
-    def peft_arrays_out(self, arrays):
-        """Our adapter arrays -> PEFT's ``lora_A`` / ``lora_B`` / ``lora_E`` keys: pruned triplets
-        dropped, and lambda times (kept + eps) / (init_r + eps) because PEFT rescales a reloaded,
-        pruned cell by its kept rank; so PEFT computes what we trained."""
-        from mindformers_lora_ext.naming import hf_module_name  # pylint: disable=import-outside-toplevel
+    def peft_arrays_out(self, arrays, names):
+        """Our adapter arrays -> PEFT's ``lora_A`` / ``lora_B`` / ``lora_E`` keys (HF module names
+        from ``names``, an hf_map.HfMap): pruned triplets dropped, and lambda times (kept + eps) /
+        (init_r + eps) because PEFT rescales a reloaded, pruned cell by its kept rank; so PEFT
+        computes what we trained."""
         out = {}
         for cell, mask in self._cell_masks(arrays):
             if mask is not None and not any(mask):
@@ -808,19 +822,20 @@ class AdaLoraConfig(AdapterConfig):
                 a, b, e = a[keep], b[:, keep], e[keep]
             if mask is not None:
                 e = (e.astype(np.float64) * ((e.shape[0] + 1e-5) / (self.init_r + 1e-5))).astype(e.dtype)
-            prefix = f"base_model.model.{hf_module_name(cell)}"
+            prefix = f"base_model.model.{names.module(cell)}"
             out.update({f"{prefix}.lora_A": a, f"{prefix}.lora_B": b, f"{prefix}.lora_E": e})
         return out
 
-    def peft_arrays_in(self, tensors):
+    def peft_arrays_in(self, tensors, names):
         """Inverse of :meth:`peft_arrays_out` (for cells already built at their pruned ranks)."""
         from mindformers_lora_ext.naming import mf_module_name  # pylint: disable=import-outside-toplevel
+        cells = names.mf_cells() if names is not None else {}
         out = {}
         for key, value in tensors.items():
             if not key.startswith("base_model.model."):
                 raise ValueError(f"tensor key {key!r} is not a PEFT AdaLoRA key")
             module, _, attr = key[len("base_model.model."):].rpartition(".")
-            cell = mf_module_name(module)
+            cell = cells.get(module) or mf_module_name(module)
             if attr == "lora_E" and (self.rank_pattern or {}).get(cell) is not None:
                 value = (value.astype(np.float64) * ((self.init_r + 1e-5) / (value.shape[0] + 1e-5))
                          ).astype(value.dtype)

@@ -14,7 +14,10 @@ which states no such metadata, uses ``naming.MF_TO_HF_LLAMA``. A cell that none 
 error naming it, raised when the map is built, never a directory PEFT would reject.
 
 Tensors split by rows (``ROW_SPLIT``: B, its bias, DoRA's magnitude, LoHa's w*_a) take each module's
-rows; the input side (``SHARED``: A, LoHa's w*_b) is the same for every module of a cell.
+rows; the input side (``SHARED``: A, LoHa's w*_b) is the same for every module of a cell. A fused
+cell built with ``fused_cells: per_hf_module`` holds one adapter per module stacked: A is
+[k*r, in] (module i's A in rows i*r..), B is [out, k*r] with module i's B in its rows and
+columns i*r.. and zeros elsewhere, so splitting and fusing are exact both ways.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -22,7 +25,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from mindformers_lora_ext.naming import hf_module_name
+from mindformers_lora_ext.naming import hf_module_name, hf_parameter_name, mf_parameter_name
 
 # attributes whose first axis (after the expert axis) is the cell's output rows
 ROW_SPLIT = ("lora_B", "lora_B_bias", "lora_magnitude_vector", "hada_w1_a", "hada_w2_a")
@@ -44,6 +47,7 @@ class CellMap:
     modules: tuple
     rows: Optional[tuple] = None
     experts: int = 0
+    per_module: bool = False  # stacked per-module adapters (fused_cells: per_hf_module)
 
     @property
     def fused(self) -> bool:
@@ -58,23 +62,47 @@ class CellMap:
     def to_json(self) -> dict:
         out = {"modules": list(self.modules)}
         if self.rows is not None:
-            out["rows"] = [list(map(int, r)) for r in self.rows]
+            out["rows"] = [_runs(r) for r in self.rows]
         if self.experts:
             out["experts"] = self.experts
+        if self.per_module:
+            out["per_module"] = True
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> "CellMap":
-        rows = tuple(tuple(r) for r in data["rows"]) if data.get("rows") is not None else None
-        return cls(tuple(data["modules"]), rows, int(data.get("experts", 0)))
+        rows = tuple(_unruns(r) for r in data["rows"]) if data.get("rows") is not None else None
+        return cls(tuple(data["modules"]), rows, int(data.get("experts", 0)), bool(data.get("per_module")))
+
+
+def _runs(rows) -> List[List[int]]:
+    """Row indices as arithmetic runs [start, count, step]: q/k/v per kv group and gate/up
+    interleaved by row are a few runs each, so an 8B model's map stays small in JSON."""
+    out: List[List[int]] = []
+    for row in map(int, rows):
+        if out:
+            start, count, step = out[-1]
+            if count == 1 and row != start:
+                out[-1] = [start, 2, row - start]
+                continue
+            if row == start + count * step:
+                out[-1][1] += 1
+                continue
+        out.append([row, 1, 1])
+    return out
+
+
+def _unruns(runs) -> tuple:
+    return tuple(start + i * step for start, count, step in runs for i in range(count))
 
 
 class HfMap:
     """MindFormers cell prefix (its base weight's name minus ``.weight``) -> :class:`CellMap`."""
 
-    def __init__(self, cells: Dict[str, CellMap], family: str):
+    def __init__(self, cells: Dict[str, CellMap], family: str, params: Optional[Dict[str, str]] = None):
         self.cells = dict(cells)
         self.family = family
+        self.params = dict(params or {})  # whole saved parameters (modules_to_save): MF name -> HF name
 
     # ------------------------------------------------------------------ names
     def cell(self, name: str) -> CellMap:
@@ -93,6 +121,23 @@ class HfMap:
                              f"{', ...' if len(cell.names()) > 4 else ''}): it has no single HF name")
         return cell.modules[0]
 
+    def hf_parameter(self, mf_param: str) -> str:
+        """HF name of a whole saved parameter (``modules_to_save``)."""
+        return self.params[mf_param] if mf_param in self.params else hf_parameter_name(mf_param)
+
+    def mf_parameter(self, hf_param: str) -> str:
+        """Inverse of :meth:`hf_parameter`."""
+        for mf, hf in self.params.items():
+            if hf == hf_param:
+                return mf
+        return mf_parameter_name(hf_param)
+
+    def with_per_module(self, names) -> "HfMap":
+        """A copy in which the fused, non-expert cells among ``names`` hold per-module adapters."""
+        cells = {n: dataclasses.replace(c, per_module=True) if n in names and c.fused and not c.experts else c
+                 for n, c in self.cells.items()}
+        return HfMap(cells, self.family, self.params)
+
     def hf_modules(self) -> Dict[str, List[str]]:
         """Cell -> every HF module it computes."""
         return {name: cell.names() for name, cell in self.cells.items()}
@@ -104,7 +149,8 @@ class HfMap:
     # ---------------------------------------------------------------- tensors
     def split(self, name: str, attr: str, array: np.ndarray) -> Dict[str, np.ndarray]:
         """One cell tensor -> {HF module: its part}: rows for ``ROW_SPLIT``, a copy of the whole for
-        ``SHARED``; any other attribute of a fused cell cannot be split exactly (error naming it)."""
+        ``SHARED`` (per-module cells: each module's own block); any other attribute of a fused
+        cell cannot be split exactly (error naming it)."""
         cell = self.cell(name)
         if not cell.fused and not cell.experts:
             return {cell.modules[0]: array}
@@ -116,39 +162,93 @@ class HfMap:
         for e, part in enumerate(per_expert):
             for i, module in enumerate(cell.modules):
                 value = part[np.asarray(cell.rows[i])] if cell.fused and attr in ROW_SPLIT else part
+                if cell.per_module and attr in ("lora_A", "lora_B"):
+                    rank = part.shape[0 if attr == "lora_A" else 1] // len(cell.modules)
+                    block = slice(i * rank, (i + 1) * rank)
+                    value = value[block] if attr == "lora_A" else value[:, block]
                 out[module.format(e) if cell.experts else module] = np.ascontiguousarray(value)
         return out
 
     def fuse(self, name: str, attr: str, parts: Dict[str, np.ndarray]) -> np.ndarray:
-        """Inverse of :meth:`split`; ``SHARED`` parts must be equal (else :class:`HfMapError`)."""
+        """Inverse of :meth:`split`. ``SHARED`` parts must be equal (else :class:`HfMapError` naming
+        ``fused_cells: per_hf_module``); a module of a fused cell that ``parts`` lacks (an HF
+        adapter on q_proj and v_proj only) gets zero B rows (and a zero A block per module)."""
         cell = self.cell(name)
         if not cell.fused and not cell.experts:
             return parts[cell.modules[0]]
         per_expert = []
         for e in range(max(cell.experts, 1)):
             names = [m.format(e) if cell.experts else m for m in cell.modules]
-            values = [parts[n] for n in names]
-            if cell.fused and attr in ROW_SPLIT:
-                out = np.empty((sum(len(r) for r in cell.rows),) + values[0].shape[1:], values[0].dtype)
-                for rows, value in zip(cell.rows, values):
-                    out[np.asarray(rows)] = value
+            present = [n for n in names if n in parts]
+            if not present:
+                raise HfMapError(f"{attr} of {name!r}: none of its HF modules {names} has one")
+            if cell.per_module and attr in ("lora_A", "lora_B"):
+                per_expert.append(self._stack(cell, name, attr, names, parts))
+            elif cell.fused and attr in ROW_SPLIT:
+                first = parts[present[0]]
+                out = np.zeros((sum(len(r) for r in cell.rows),) + first.shape[1:], first.dtype)
+                for rows, module in zip(cell.rows, names):
+                    if module in parts:
+                        out[np.asarray(rows)] = parts[module]
+                    elif attr == "lora_magnitude_vector":
+                        raise HfMapError(f"DoRA magnitude of {module} is missing, but MindFormers computes it "
+                                         f"in one cell {name!r} with {', '.join(present)}: the DoRA magnitude "
+                                         f"of its rows is unknown (adapt all of {', '.join(names)})")
                 per_expert.append(out)
             else:
-                for other, value in zip(names[1:], values[1:]):
+                values = [parts[n] for n in present]
+                for other, value in zip(present[1:], values[1:]):
                     if value.shape != values[0].shape or not np.array_equal(value, values[0]):
                         raise HfMapError(
-                            f"{attr} of {names[0]} and {other} differ, but MindFormers computes both in "
-                            f"one cell {name!r} with one {attr}: a single fused adapter cannot hold them")
+                            f"{attr} of {present[0]} and {other} differ, but MindFormers computes both in "
+                            f"one cell {name!r} with one {attr}: a single fused adapter cannot hold them; "
+                            f"build it with pet_config fused_cells: per_hf_module (one adapter per HF module)")
                 per_expert.append(values[0])
         return np.stack(per_expert) if cell.experts else per_expert[0]
 
+    @staticmethod
+    def _stack(cell, name, attr, names, parts) -> np.ndarray:
+        """Per-module A's stacked [k*r, in], or B's placed block-diagonally [out, k*r]."""
+        ranks = {parts[n].shape[0 if attr == "lora_A" else 1] for n in names if n in parts}
+        if len(ranks) != 1:
+            raise HfMapError(f"{attr} of {', '.join(n for n in names if n in parts)} have ranks {sorted(ranks)}; "
+                             f"one cell {name!r} with per-module adapters takes one rank for all of them")
+        rank, k = ranks.pop(), len(names)
+        first = next(parts[n] for n in names if n in parts)
+        if attr == "lora_A":
+            out = np.zeros((k * rank, first.shape[1]), first.dtype)
+            for i, module in enumerate(names):
+                if module in parts:
+                    out[i * rank:(i + 1) * rank] = parts[module]
+            return out
+        out = np.zeros((sum(len(r) for r in cell.rows), k * rank), first.dtype)
+        for i, (rows, module) in enumerate(zip(cell.rows, names)):
+            if module in parts:
+                out[np.asarray(rows), i * rank:(i + 1) * rank] = parts[module]
+        return out
+
+    def block_mask(self, name: str, rank: int) -> Optional[np.ndarray]:
+        """The 0/1 [out, k*rank] mask of a per-module cell's B (module i: its rows, columns
+        i*rank..), None for any other cell."""
+        cell = self.cell(name)
+        if not cell.per_module:
+            return None
+        mask = np.zeros((sum(len(r) for r in cell.rows), len(cell.modules) * rank), np.float32)
+        for i, rows in enumerate(cell.rows):
+            mask[np.asarray(rows), i * rank:(i + 1) * rank] = 1.0
+        return mask
+
     # ------------------------------------------------------------------ files
     def to_json(self) -> dict:
-        return {"family": self.family, "cells": {n: c.to_json() for n, c in self.cells.items()}}
+        out = {"family": self.family, "cells": {n: c.to_json() for n, c in self.cells.items()}}
+        if self.params:
+            out["params"] = dict(self.params)
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> "HfMap":
-        return cls({n: CellMap.from_json(c) for n, c in data["cells"].items()}, data["family"])
+        return cls({n: CellMap.from_json(c) for n, c in data["cells"].items()}, data["family"],
+                   data.get("params"))
 
 
 def legacy_map(cells: List[str]) -> HfMap:
@@ -167,15 +267,16 @@ def find_hf_model(network):
     return None
 
 
-def for_network(network, outputs: Dict[str, tuple]) -> HfMap:
+def for_network(network, outputs: Dict[str, tuple], params=()) -> HfMap:
     """The map of ``network``'s adapted cells. ``outputs``: cell (checkpoint prefix; routed experts
     by their virtual ``<experts>.linear_fc1`` names) -> (experts, output rows), experts 0 for a
-    plain cell."""
+    plain cell; ``params``: names of whole saved parameters (``modules_to_save``)."""
     model = find_hf_model(network)
     if model is None:
         return legacy_map(list(outputs))
     family = type(model).__name__
-    return HfMap({name: _mcore_cell(model, family, name, *shape) for name, shape in outputs.items()}, family)
+    return HfMap({name: _mcore_cell(model, family, name, *shape) for name, shape in outputs.items()}, family,
+                 {p: _hf_name(model, family, p) for p in params})
 
 
 def _hf_name(model, family, mf_weight: str) -> str:

@@ -88,7 +88,9 @@ def merge_cell(cell: str, weight: np.ndarray, bias: Optional[np.ndarray],
     arrays = {name.rsplit(".", 1)[-1]: np.asarray(value, np.float64) for name, value in tensors.items()
               if name.rsplit(".", 1)[0] == cell}
     out_dim, in_dim = arrays["lora_B"].shape[0], arrays["lora_A"].shape[1]
-    if arrays["lora_A"].shape[0] != spec.rank:
+    stacked = getattr(pet_config, "fused_cells", "shared") == "per_hf_module"  # k per-module adapters
+    rank = arrays["lora_A"].shape[0]
+    if rank != spec.rank and not (stacked and rank % spec.rank == 0):
         raise ValueError(f"{cell}.lora_A has rank {arrays['lora_A'].shape[0]} but the pet_config "
                          f"gives rank {spec.rank} for {cell}: wrong config for this adapter?")
     if weight.shape == (out_dim, in_dim):

@@ -19,6 +19,7 @@ from mindformers_lora_ext.config import (AdapterConfig, LohaConfig, LokrConfig, 
                                          lokr_factorization)
 from mindformers_lora_ext.merge import (merge_checkpoint, merge_safetensors_streaming, merged_values,
                                         save_mindspore_checkpoint)
+from mindformers_lora_ext.adapter_files import read_config
 from mindformers_lora_ext.peft_format import (from_peft_tensors, load_adapter, mf_param_name, peft_config_dict,
                                               peft_key, pet_config_from_peft, save_adapter)
 from mindformers_lora_ext.tuners.base_layer import param_array
@@ -627,7 +628,8 @@ def test_adapter_files_use_peft_keys_shapes_and_config(tiny_config, tmp_path, ki
                                       if projections else None)
     assert {k: v.shape for k, v in tensors.items()} == expected
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["peft_type"] == kind.upper() and config["mindformers_pet_type"] == kind
+    assert not any(k.startswith("mindformers_") for k in config)  # ours are in the sidecar
+    assert config["peft_type"] == kind.upper() and read_config(str(tmp_path / "a"))["mindformers_pet_type"] == kind
     assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"] and config["task_type"] == "CAUSAL_LM"
     fields = {
         "vera": {"r": 16, "projection_prng_key": 0, "save_projection": projections, "vera_dropout": 0.0,
@@ -658,7 +660,7 @@ def test_round_trip_is_bit_exact(tiny_config, tmp_path, kind, extra):
         assert after[key].dtype == value.dtype and np.array_equal(after[key], value), key
     np.testing.assert_array_equal(_logits(other), _logits(net))
     # and through pet_config.adapter_path, with the pet_config read back from adapter_config.json
-    pet = pet_config_from_peft(json.loads((tmp_path / "a" / "adapter_config.json").read_text()))
+    pet = pet_config_from_peft(read_config(str(tmp_path / "a")))
     _set_pet(tiny_config, **dict(pet, adapter_path=str(tmp_path / "a")))
     ms.set_seed(0)
     np.testing.assert_array_equal(_logits(build_network(tiny_config.model)), _logits(net))

@@ -8,6 +8,12 @@ Each variant also holds its merge math, on float64 numpy arrays, so folding into
 and into a checkpoint file is the same code.
 Parameters are named ``<cell>.lora_A``, ``.lora_B``, ``.lora_B_bias``, ``.lora_magnitude_vector``
 (trainable) and ``<cell>.lora_active`` (frozen 0/1 gate that merge() clears).
+
+A cell fusing k HF modules (mcore ``linear_qkv``, ``linear_fc1``) with ``fused_cells:
+per_hf_module`` holds k adapters of rank r stacked: A [k*r, in], B [out, k*r] used as B * M, M
+the 0/1 block mask of each module's rows and columns (hf_map.HfMap.block_mask). B starts at
+zero and its masked-out entries get zero gradient, so they stay zero and every formula above
+(merge included) holds with the stored B.
 """
 from typing import Dict, Optional
 
@@ -94,15 +100,18 @@ class LoraLinear(AdoptedLinear):
     ("float32" | "float16" | "bfloat16" | None = the base's).
     """
 
-    def __init__(self, base, spec: LoraSpec, param_init_type=None, compute_dtype=None):
+    def __init__(self, base, spec: LoraSpec, param_init_type=None, compute_dtype=None, block_mask=None):
         super().__init__(base, compute_dtype)
         param_dtype = to_mstype(param_init_type) or self.weight.dtype
-        self.rank = spec.rank
+        rank = spec.rank if block_mask is None else block_mask.shape[1]
+        self.rank = rank
         self.scaling = spec.scaling
-        init_a, init_b = lora_initializers(spec.init, self, spec.rank, spec.scaling)
-        self.lora_A = Parameter(initializer(init_a, [spec.rank, self.in_channels], param_dtype),
+        # per-module adapters in a fused cell (see the module docstring); None: one adapter
+        self.block_mask = None if block_mask is None else Tensor(block_mask, self.compute_dtype)
+        init_a, init_b = lora_initializers(spec.init, self, rank, spec.scaling)
+        self.lora_A = Parameter(initializer(init_a, [rank, self.in_channels], param_dtype),
                                 name="lora_A")
-        self.lora_B = Parameter(initializer(init_b, [self.out_channels, spec.rank], param_dtype),
+        self.lora_B = Parameter(initializer(init_b, [self.out_channels, rank], param_dtype),
                                 name="lora_B")
         self.use_lora_bias = spec.lora_bias
         if spec.lora_bias:
@@ -130,7 +139,7 @@ class LoraLinear(AdoptedLinear):
                 or getattr(self.matmul, "in_strategy", None):
             return
         from mindformers_lora_ext.kernels import FusedLoraMatmul  # pylint: disable=import-outside-toplevel
-        fused = FusedLoraMatmul(self.in_channels, self.out_channels, spec.rank, spec.dropout,
+        fused = FusedLoraMatmul(self.in_channels, self.out_channels, self.rank, spec.dropout,
                                 self.compute_dtype, use_fused=spec.use_fused_kernel)
         if fused.fused:
             self.fused_matmul = fused
@@ -140,7 +149,7 @@ class LoraLinear(AdoptedLinear):
         dtype = self.compute_dtype
         scaling = self.active() * self.scaling
         y = self.fused_matmul(x2d, self.cast(self.weight, dtype), self.cast(self.lora_A, dtype),
-                              self.cast(self.lora_B, dtype), scaling)
+                              self.b_matrix(), scaling)
         if self.use_lora_bias:
             y = y + self.cast(self.lora_B_bias, dtype) * scaling
         return y
@@ -149,17 +158,22 @@ class LoraLinear(AdoptedLinear):
         """1 (adapter applied) or 0 (merged), in compute dtype."""
         return self.cast(self.lora_active, self.compute_dtype)
 
+    def b_matrix(self):
+        """B [out, r] in compute dtype (times the block mask for per-module adapters)."""
+        b = self.cast(self.lora_B, self.compute_dtype)
+        return b if self.block_mask is None else b * self.block_mask
+
     def lora_path(self, x2d):
         """s * (x A^T) B^T [+ s * b_B] for ``x2d`` [N, in] -> [N, out]."""
         h = self.lora_a_matmul(x2d, self.cast(self.lora_A, self.compute_dtype))
-        y = self.lora_b_matmul(h, self.cast(self.lora_B, self.compute_dtype))
+        y = self.lora_b_matmul(h, self.b_matrix())
         if self.use_lora_bias:
             y = y + self.cast(self.lora_B_bias, self.compute_dtype)
         return y * (self.active() * self.scaling)
 
     def delta_weight(self):
         """s * B A [out, in] in compute dtype, a constant for backward (used by DoRA's norm)."""
-        return F.stop_gradient(self.delta_matmul(self.cast(self.lora_B, self.compute_dtype),
+        return F.stop_gradient(self.delta_matmul(self.b_matrix(),
                                                  self.cast(self.lora_A, self.compute_dtype))) * self.scaling
 
     def delta(self, x2d, base_out):
@@ -223,6 +237,28 @@ class LoraExtModel(AdapterModel):
     too (tuners/experts.py)."""
 
     LAYER = LoraLinear
+
+    def prepare_targets(self, base_model, targets):
+        """With ``fused_cells: per_hf_module``: the block masks of the fused cells among
+        ``targets``, from the model's HF map (hf_map.for_network)."""
+        self._block_masks = {}
+        config = self.config.pet_config
+        if config.fused_cells != "per_hf_module":
+            return
+        from mindformers_lora_ext import hf_map  # pylint: disable=import-outside-toplevel
+        from mindformers_lora_ext.tuners.targeting import checkpoint_prefix  # pylint: disable=import-outside-toplevel
+        cells = dict(base_model.cells_and_names())
+        prefixes = {checkpoint_prefix(t, cells[t]): cells[t] for t in targets}
+        outputs = {name: (0, int(cell.weight.shape[0])) for name, cell in prefixes.items()}
+        names = hf_map.for_network(base_model, outputs)
+        names = names.with_per_module(list(names.cells))
+        self._block_masks = {name: names.block_mask(name, config.module_options(name).rank)
+                             for name in outputs if names.cell(name).per_module}
+
+    def make_layer(self, name, base_cell):
+        config = self.config.pet_config
+        return LoraLinear(base_cell, config.module_options(name), config.param_init_type, config.compute_dtype,
+                          block_mask=self._block_masks.get(name))
 
     def make_expert_layer(self, name, base_cell, projections):
         from mindformers_lora_ext.tuners.experts import ExpertLoraLayer  # pylint: disable=import-outside-toplevel

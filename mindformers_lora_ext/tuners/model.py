@@ -62,6 +62,7 @@ class AdapterModel(PreTrainedModel):
         for name, layer in self._adapter_layers.items():
             layer.name_parameters(name)
         self._modules_to_save: Dict[str, object] = saved
+        self._hf_map = None
         self.network = base_model
         if config.adapter_path:
             from mindformers_lora_ext.peft_format import load_adapter  # pylint: disable=import-outside-toplevel
@@ -73,6 +74,19 @@ class AdapterModel(PreTrainedModel):
         projections here); nothing by default."""
 
     LAYER = None  # the adapter cell class: LAYER(base_cell, spec, param_init_type, compute_dtype)
+
+    def hf_map(self):
+        """The HF module names (and fused row layouts) of the adapted cells: an hf_map.HfMap,
+        built on first use from the base model's own mapping; raises hf_map.HfMapError naming a
+        cell that has no HF name."""
+        if self._hf_map is None:
+            from mindformers_lora_ext import hf_map  # pylint: disable=import-outside-toplevel
+            outputs = {name: layer_outputs(layer) for name, layer in self._adapter_layers.items()}
+            params = [p.name for cell in self._modules_to_save.values() for p in cell.get_parameters()]
+            names = hf_map.for_network(self.network, outputs, params)
+            per_module = [n for n, layer in self._adapter_layers.items() if getattr(layer, "block_mask", None) is not None]
+            self._hf_map = names.with_per_module(per_module) if per_module else names
+        return self._hf_map
 
     def make_layer(self, name, base_cell):
         """The adapter cell replacing ``base_cell``; ``name`` is its checkpoint prefix."""
@@ -198,11 +212,26 @@ class AdapterModel(PreTrainedModel):
             param.requires_grad = trainable
 
     def save_pet_config(self, save_path: str):
-        from mindformers_lora_ext import peft_format  # pylint: disable=import-outside-toplevel
-        peft_format.write_adapter_config(save_path, self.config.pet_config, self.adapter_names)
+        # pylint: disable=import-outside-toplevel
+        from mindformers_lora_ext import peft_format
+        from mindformers_lora_ext.hf_map import HfMapError
+        try:
+            names = self.hf_map()
+        except HfMapError as exc:  # training goes on; exporting this adapter to HF PEFT cannot
+            logger.warning("mindformers-lora-ext: no %s written: %s", save_path, exc)
+            return
+        peft_format.write_adapter_config(save_path, self.config.pet_config, names)
 
     def construct(self, *inputs, **kwargs):
         return self.network(*inputs, **kwargs)
+
+
+def layer_outputs(layer) -> tuple:
+    """(experts, output rows) of an adapter layer: routed experts' projections carry
+    ``experts`` / ``out_dim``, linear cells ``out_channels``."""
+    if getattr(layer, "experts", 0) and hasattr(layer, "out_dim"):
+        return int(layer.experts), int(layer.out_dim)
+    return 0, int(layer.out_channels)
 
 
 def _delegate(name):
