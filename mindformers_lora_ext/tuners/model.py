@@ -216,11 +216,9 @@ class AdapterModel(PreTrainedModel):
         from mindformers_lora_ext import peft_format
         from mindformers_lora_ext.hf_map import HfMapError
         try:
-            names = self.hf_map()
+            peft_format.write_adapter_config(save_path, self.config.pet_config, self.hf_map())
         except HfMapError as exc:  # training goes on; exporting this adapter to HF PEFT cannot
             logger.warning("mindformers-lora-ext: no %s written: %s", save_path, exc)
-            return
-        peft_format.write_adapter_config(save_path, self.config.pet_config, names)
 
     def construct(self, *inputs, **kwargs):
         return self.network(*inputs, **kwargs)
