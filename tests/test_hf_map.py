@@ -85,3 +85,32 @@ def test_legacy_map_renames_one_module_per_cell():
     value = np.arange(6.0).reshape(3, 2)
     assert names.split("model.layers.0.attention.wq", "lora_B", value) == {"model.layers.0.self_attn.q_proj": value}
     assert hf_map.HfMap.from_json(names.to_json()).cells == names.cells
+
+
+def test_adapter_peft_cannot_hold_is_saved_in_mindformers_names_and_export_refuses(tmp_path):
+    """LoKr's Kronecker update does not split by output rows: on Qwen3's fused linear_qkv the
+    adapter is saved without adapter_config.json (PEFT never sees it), reloads exactly, and
+    `mindformers-lora export` refuses it naming the cell."""
+    import json
+    import os
+    from mindformers.models.build_model import build_network
+    from mindformers.tools.register import MindFormerConfig
+    from mindformers_lora_ext import adapter_files, cli
+    from mindformers_lora_ext.peft_format import load_adapter, save_adapter
+    with mcore_mode():
+        cfg = MindFormerConfig(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), QWEN3))
+        cfg.model.model_config.pet_config = MindFormerConfig(pet_type="lokr", r=2, alpha=2,
+                                                             target_modules=["linear_qkv", "linear_proj"])
+        net = build_network(cfg.model)
+        before = net.network.adapter_state_dict()
+        directory = save_adapter(net.network, str(tmp_path / "a"))
+        assert sorted(os.listdir(directory)) == sorted([adapter_files.META_NAME, adapter_files.WEIGHTS_NAME])
+        meta = json.loads((tmp_path / "a" / adapter_files.META_NAME).read_text())
+        assert "linear_qkv" in meta["not_peft"] and meta["config"]["peft_type"] == "LOKR"
+        for param in net.network.adapter_parameters():
+            param.set_data(param * 0)
+        load_adapter(net.network, directory)
+    after = net.network.adapter_state_dict()
+    assert all(np.array_equal(after[k], v) for k, v in before.items())
+    with pytest.raises(SystemExit, match="cannot be exported to HF PEFT.*linear_qkv"):
+        cli.main(["export", "--adapter", directory, str(tmp_path / "out")])
