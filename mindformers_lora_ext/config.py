@@ -352,9 +352,10 @@ class LoraExtConfig(AdapterConfig):
             raise PetConfigError(
                 f"{_key('fused_cells')} = per_hf_module needs init_lora_weights true or gaussian (B starts "
                 f"at zero, so each module's adapter starts apart), got {values['init_lora_weights']!r}")
-        if values["use_fused_kernel"] is True and values["use_dora"]:
-            raise PetConfigError(f"{_key('use_fused_kernel')} = true: the fused kernel computes plain "
-                                 f"LoRA; DoRA (use_dora) runs as the MindSpore composition (use auto)")
+        if values["use_fused_kernel"] is True and values["use_dora"] and values["lora_dropout"] == 0:
+            raise PetConfigError(f"{_key('use_fused_kernel')} = true with use_dora needs lora_dropout > 0: "
+                                 f"DoRA's kernel is its dropout correction (the fused LoRA matmul computes "
+                                 f"plain LoRA), so there is nothing to fuse at lora_dropout 0 (use auto)")
         if values["lora_bias"] and values["use_dora"]:
             raise PetConfigError(f"{_key('lora_bias')} = true is not supported with use_dora "
                                  f"(as in HF PEFT): DoRA rescales the whole output")

@@ -134,3 +134,10 @@ def test_presets_fix_their_key(cls, key, good, bad):
 
 def test_kaiming_is_peft_true():
     assert make(init_lora_weights="kaiming").init_lora_weights is True
+
+
+def test_dora_fused_kernel_true_needs_dropout():
+    # DoRA's kernel is its dropout correction: "true" at dropout 0 would force nothing
+    with pytest.raises(PetConfigError, match="use_fused_kernel = true with use_dora needs lora_dropout > 0"):
+        make(use_dora=True, use_fused_kernel=True)
+    assert make(use_dora=True, use_fused_kernel=True, lora_dropout=0.1).use_fused_kernel is True

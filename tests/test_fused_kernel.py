@@ -252,6 +252,48 @@ def test_op_matches_numpy(shape, p, isa, mode, cpu_ops):
         close(got.asnumpy(), want)
 
 
+@pytest.fixture(params=["avx2", "generic"])
+def dropped_workers(request, clib):
+    """DoRA's dropped-matmul op with its AVX2 or baseline row workers (AVX2 skipped if absent)."""
+    clib.fdm_force_generic.argtypes = [ctypes.c_int]
+    used = clib.fdm_force_generic(int(request.param == "generic"))
+    if request.param == "avx2" and used != 1:
+        clib.fdm_force_generic(0)
+        pytest.skip("this CPU has no AVX2 + FMA")
+    yield request.param
+    clib.fdm_force_generic(0)
+
+
+# out not a multiple of the 32-output register block, in large enough for several W chunks,
+# whole rows dropped or kept, N = 1
+@pytest.mark.parametrize("n,inp,out,p", [(7, 5, 3, 0.5), (33, 1100, 70, 0.05), (1, 64, 96, 0.9),
+                                         (16, 40, 33, 0.0), (16, 40, 33, 1.0)])
+def test_dropped_matmul_matches_numpy(n, inp, out, p, dropped_workers, lib_path):
+    """z = (x * (1 - keep)) W^T and dx = (1 - keep) * (dz W) (DoRA's dropout correction)."""
+    from mindformers_lora_ext.kernels.cpu_ops import make_dropped_matmul
+    op = make_dropped_matmul(lib_path)
+    x = RNG.standard_normal((n, inp)).astype(np.float32)
+    w = RNG.standard_normal((out, inp)).astype(np.float32)
+    keep = (RNG.random((n, inp)) >= p).astype(np.float32)
+    dz = RNG.standard_normal((n, out)).astype(np.float32)
+    dropped = 1.0 - keep.astype(np.float64)
+
+    class Loss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.op = op
+
+        def construct(self, inp_x):
+            return (self.op(inp_x, Tensor(keep), Tensor(w))[0] * Tensor(dz)).sum()
+
+    z, count = op(Tensor(x), Tensor(keep), Tensor(w))
+    assert count.asnumpy()[0] == (keep == 0).sum()
+    z = z.asnumpy()
+    np.testing.assert_allclose(z, (x * dropped) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
+    dx = ms.grad(Loss())(Tensor(x)).asnumpy()
+    np.testing.assert_allclose(dx, dropped * (dz.astype(np.float64) @ w), rtol=1e-5, atol=1e-4)
+
+
 @needs_cxx
 def test_op_is_deterministic(cpu_ops):
     """Same inputs and seed, same bits (no order-dependent reductions across threads)."""

@@ -211,6 +211,74 @@ def test_dropout_only_on_the_adapter_path():
     assert not np.allclose(trained, reference(x, arr, 1.0, False), atol=1e-3)
 
 
+def _dora_dropout_layer(fused, seed=11):
+    ms.set_seed(seed)  # the dropout op's seeds come from the global seed: twins draw one mask
+    layer = LoraLinear(nn.Dense(16, 8, has_bias=True),
+                       spec(lora_rank=3, lora_alpha=6.0, use_dora=True, lora_dropout=0.3, use_fused_kernel=fused))
+    layer.set_train(True)
+    return layer
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["dropped_kernel", "second_matmul"])
+def test_dora_under_dropout_matches_numpy(fused):
+    """DoRA in training with dropout: y = x W^T + b + (c - 1) drop(x) W^T + c s drop(x) A^T B^T,
+    c = m / ||W + sBA||_row (constant in backward), against float64 numpy with the layer's own
+    mask. The kernel path forms drop(x) W^T from x W^T and the dropped elements only."""
+    layer = _dora_dropout_layer(fused)
+    assert (layer.dora_dropped is not None) == fused, layer.dora_dropped_reason
+    arr = randomize(layer)
+    x = RNG.standard_normal((64, 16)).astype(np.float32)
+    g = RNG.standard_normal((64, 8)).astype(np.float32)
+    params = layer.adapter_parameters()
+
+    def loss(inp):
+        return (layer(inp) * Tensor(g)).sum()
+
+    (value, (dx, grads)) = ms.value_and_grad(loss, grad_position=0, weights=params)(Tensor(x))
+    _, keep = _dora_dropout_layer(fused).lora_dropout.dropout(Tensor(x))  # the twin's first mask
+    mult = keep.asnumpy().astype(np.float64) / 0.7
+    assert 0.2 < 1 - keep.asnumpy().mean() < 0.4  # the mask is a real p = 0.3 draw
+    s, x64, g64 = 2.0, x.astype(np.float64), g.astype(np.float64)
+    w, a, b, m = arr["weight"], arr["lora_A"], arr["lora_B"], arr["lora_magnitude_vector"]
+    xd = x64 * mult
+    norm = np.linalg.norm(w + s * b @ a, axis=1)
+    c = m / norm
+    y = x64 @ w.T + arr["bias"] + (c - 1) * (xd @ w.T) + c * s * (xd @ a.T @ b.T)
+    np.testing.assert_allclose(value.asnumpy(), (y * g64).sum(), rtol=1e-5)
+    gc = g64 * c
+    expected = {"lora_A": s * (gc @ b).T @ xd, "lora_B": s * gc.T @ (xd @ a.T),
+                "lora_magnitude_vector": (g64 * (xd @ w.T + s * xd @ a.T @ b.T)).sum(0) / norm}
+    for param, grad in zip(params, grads):
+        np.testing.assert_allclose(grad.asnumpy(), expected[param.name.rsplit(".", 1)[-1]], **TOL)
+    expected_dx = g64 @ w + mult * ((g64 * (c - 1)) @ w + s * (gc @ b) @ a)
+    np.testing.assert_allclose(dx.asnumpy(), expected_dx, **TOL)
+
+
+def test_dora_norm_follows_base_weights_loaded_after_wrapping():
+    """MindFormers loads the base checkpoint after wrapping: DoRA's norm must use the loaded W
+    (nothing derived from W is cached), in a compiled graph too."""
+    layer = LoraLinear(nn.Dense(12, 10, has_bias=False), spec(use_dora=True))
+    arr = randomize(layer)
+    x = RNG.standard_normal((6, 12)).astype(np.float32)
+
+    class Net(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def construct(self, inp):
+            return self.layer(inp)
+
+    net = Net()  # graph mode (conftest): the second call reuses the compiled graph
+    net.set_train(False)
+    np.testing.assert_allclose(net(Tensor(x)).asnumpy(), reference(x, arr, 2.0, True), **TOL)
+    new_w = RNG.standard_normal((10, 12)).astype(np.float32)
+    not_loaded, _ = ms.load_param_into_net(net, {layer.weight.name: ms.Parameter(Tensor(new_w), name=layer.weight.name)})
+    assert layer.weight.name not in not_loaded  # a base checkpoint: only the adapter is left
+    arr["weight"] = new_w.astype(np.float64)
+    np.testing.assert_allclose(net(Tensor(x)).asnumpy(), reference(x, arr, 2.0, True), **TOL)
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora", True])
 def test_data_driven_init_sees_weights_loaded_after_wrapping(init):
     """MindFormers builds under no_init_parameters when load_checkpoint is set, wraps, and

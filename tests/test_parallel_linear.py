@@ -114,14 +114,27 @@ def test_dora_dropout_path_recomputes_base_with_own_matmul():
     """With dropout active DoRA recomputes x W^T by ``layer.matmul``; identity 'dropout' makes
     that path deterministic, so it must still match numpy."""
     base = column(bias=True)
-    layer = LoraLinear(base, spec(use_dora=True, lora_dropout=0.1))
+    layer = LoraLinear(base, spec(use_dora=True, lora_dropout=0.1, use_fused_kernel=False))
     layer.lora_dropout = nn.Identity()
-    assert layer.dropout_active
+    assert layer.dropout_active and layer.dora_dropped is None
     arr = randomize(layer)
     layer.set_train(True)
     x = RNG.standard_normal((4, 3, IN)).astype(np.float32)
     y, _ = run(layer, x)
     np.testing.assert_allclose(y, reference(x.reshape(-1, IN).astype(np.float64), arr, base, True)[0], **TOL)
+
+
+def test_dora_dropout_kernel_is_not_used_on_mcore_until_mindspore_runs_it():
+    """MindSpore 2.9 cannot run a Custom op beside the mcore base's Morph (CustomInferTypeByPy:
+    "The prim is not a PrimitivePy"), so DoRA's dropped-matmul kernel stays off on mcore bases,
+    with the reason. This test then fails when it runs: the kernel path can be enabled."""
+    layer = LoraLinear(column(bias=True), spec(use_dora=True, lora_dropout=0.3))
+    assert layer.dora_dropped is None and "mcore base" in layer.dora_dropped_reason
+    from mindformers_lora_ext.kernels import dispatch
+    layer.dora_dropped, _ = dispatch.resolve_dropped_matmul("auto", ms.float32)
+    layer.set_train(True)
+    with pytest.raises(RuntimeError, match="PrimitivePy"):
+        run(layer, RNG.standard_normal((4, 3, IN)).astype(np.float32))
 
 
 @pytest.mark.parametrize("init,use_dora", [("pissa", True), ("olora", False)])

@@ -38,11 +38,11 @@ import stat
 import subprocess
 import tempfile
 
-ABI_VERSION = 2  # must equal FLK_ABI_VERSION in cpu/fused_lora.cc
+ABI_VERSION = 3  # must equal FLK_ABI_VERSION in cpu/fused_lora.cc
 LIB_NAME = "fused_lora_cpu.so"
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu")
-SOURCES = ("fused_lora.cc", "fused_lora_isa.inc")
-MAIN_SOURCE = SOURCES[0]
+SOURCES = ("fused_lora.cc", "fused_lora_isa.inc", "dropped_matmul.cc")
+COMPILED = tuple(name for name in SOURCES if name.endswith(".cc"))  # .inc: included
 CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden",
             "-ffp-contract=fast", "-fno-math-errno", "-Wall")
 ENV_CACHE = "MINDFORMERS_LORA_EXT_KERNEL_CACHE"
@@ -144,7 +144,7 @@ def _usable(path: str) -> bool:
 def _compile(cxx: str, directory: str) -> str:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=directory)
     os.close(fd)
-    cmd = [cxx, *CXXFLAGS, os.path.join(SOURCE_DIR, MAIN_SOURCE), "-o", tmp]
+    cmd = [cxx, *CXXFLAGS, *(os.path.join(SOURCE_DIR, name) for name in COMPILED), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -152,7 +152,7 @@ def _compile(cxx: str, directory: str) -> str:
         raise BuildError(f"compiler failed to run: {exc}") from exc
     if done.returncode != 0:
         os.unlink(tmp)
-        raise BuildError(f"compiling {MAIN_SOURCE} failed (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}")
+        raise BuildError(f"compiling {' '.join(COMPILED)} failed (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}")
     os.chmod(tmp, 0o700)
     return tmp
 

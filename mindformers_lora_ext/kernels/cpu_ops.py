@@ -1,4 +1,5 @@
-"""The CPU fused LoRA pair as MindSpore ``ops.Custom(func_type="aot")`` primitives.
+"""The CPU kernels as MindSpore ``ops.Custom(func_type="aot")`` primitives: the fused LoRA pair
+and DoRA's dropout correction (:func:`make_dropped_matmul`).
 
 forward  (x [N, in], W [out, in], A [r, in], B [out, r], sp [2] = (s, p), seed [2] int32)
          -> (y [N, out], h [N, r], seed_out [2]),  y = x W^T + s h B^T,  h = drop(x) A^T
@@ -21,6 +22,8 @@ from mindspore.ops import functional as F
 
 FORWARD = "FusedLoraForward"
 BACKWARD = "FusedLoraBackward"
+DROPPED_FORWARD = "DroppedMatmulForward"
+DROPPED_BACKWARD = "DroppedMatmulBackward"
 
 
 def _reg_info(name, inputs, outputs, dtypes):
@@ -50,3 +53,23 @@ def make_cpu_ops(lib_path: str):
         reg_info=_reg_info("mfl_fused_lora_forward", ("x", "w", "a", "b", "sp", "seed"), ("y", "h", "seed_out"),
                            (f32,) * 5 + (i32,) + (f32,) * 2 + (i32,)))
     return forward, backward
+
+
+def make_dropped_matmul(lib_path: str):
+    """DoRA's dropout correction ``z = (x * (1 - keep)) W^T`` as a Custom primitive
+    (cpu/dropped_matmul.cc): x, keep [N, in] float32 (keep: MindSpore Dropout's 0/1 mask),
+    W [out, in] float32 -> (z [N, out], dropped [1] = the number of dropped elements). Its bprop gives x ``(1 - keep) * (dz W)``; keep and W
+    get zero gradients (W is frozen)."""
+    f32 = DataType.F32_Default
+    # second output `dropped` [1] (count of dropped elements): see cpu/dropped_matmul.cc for why
+    backward = ops.Custom(
+        f"{lib_path}:{DROPPED_BACKWARD}", out_shape=None, out_dtype=(mstype.float32,) * 2, func_type="aot",
+        reg_info=_reg_info("mfl_dropped_matmul_backward", ("dz", "keep", "w"), ("dx", "dropped"), (f32,) * 5))
+
+    def bprop(x, keep, weight, out, dout):
+        return backward(dout[0], keep, weight)[0], F.zeros_like(keep), F.zeros_like(weight)
+
+    return ops.Custom(
+        f"{lib_path}:{DROPPED_FORWARD}", out_shape=None, out_dtype=(mstype.float32,) * 2, func_type="aot",
+        bprop=bprop, reg_info=_reg_info("mfl_dropped_matmul_forward", ("x", "keep", "w"), ("z", "dropped"),
+                                        (f32,) * 5))

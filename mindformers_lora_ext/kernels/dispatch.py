@@ -90,6 +90,7 @@ class Backend:
     forward: object
     backward: object
     convention: str = "cpu"
+    dropped_matmul: object = None  # DoRA's dropout correction (cpu_ops.make_dropped_matmul) or None
 
 
 _LOCK = threading.RLock()
@@ -136,8 +137,9 @@ def current_device() -> str:
 
 def _cpu_ops():
     from mindformers_lora_ext.kernels.build import build_cpu_library  # pylint: disable=import-outside-toplevel
-    from mindformers_lora_ext.kernels.cpu_ops import make_cpu_ops  # pylint: disable=import-outside-toplevel
-    return make_cpu_ops(build_cpu_library())
+    from mindformers_lora_ext.kernels.cpu_ops import make_cpu_ops, make_dropped_matmul  # pylint: disable=import-outside-toplevel
+    lib = build_cpu_library()
+    return (*make_cpu_ops(lib), make_dropped_matmul(lib))
 
 
 def _ascend_ops():
@@ -169,8 +171,9 @@ def build_backend(device: str) -> Backend:
             else:
                 name, convention, builder = _BUILDERS[device]
                 try:
-                    forward, backward = builder()
-                    _BUILT[device] = Backend(name, device, forward, backward, convention)
+                    forward, backward, *extra = builder()
+                    _BUILT[device] = Backend(name, device, forward, backward, convention,
+                                             dropped_matmul=extra[0] if extra else None)
                 except Exception as exc:  # pylint: disable=broad-except  (never stop training)
                     _BUILT[device] = exc
         result = _BUILT[device]
@@ -207,3 +210,24 @@ def resolve(use_fused="auto", dtype=mstype.float32, device: Optional[str] = None
         reason = f"{type(exc).__name__}: {exc}"
         warn_once(device, reason)
         return None, reason
+
+
+def resolve_dropped_matmul(use_fused="auto", dtype=mstype.float32, device: Optional[str] = None):
+    """(DoRA's dropout-correction op or None, reason); see ``tuners/lora.py`` (Dora). Follows
+    ``use_fused_kernel``: False never uses it; "auto" and True use it wherever it is built (CPU,
+    float32; a failed build falls back with the one warning of :func:`resolve`)."""
+    use_fused = check_use_fused(use_fused)
+    device = device or current_device()
+    if use_fused is False:
+        return None, "use_fused_kernel is False"
+    if device != "CPU" or dtype_name(dtype) != "float32":
+        return None, f"no DoRA dropout kernel for {dtype_name(dtype)} on {device}"
+    try:
+        backend = build_backend(device)
+    except Exception as exc:  # pylint: disable=broad-except
+        reason = f"{type(exc).__name__}: {exc}"
+        warn_once(device, reason)
+        return None, reason
+    if backend.dropped_matmul is None:
+        return None, f"no DoRA dropout kernel in the {backend.name} backend"
+    return backend.dropped_matmul, "fused"

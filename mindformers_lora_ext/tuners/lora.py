@@ -58,7 +58,18 @@ class Lora:
 
 
 class Dora(Lora):
-    """DoRA: magnitude m [out] (trainable, starts at ||W||_row) times the direction of W + sBA."""
+    """DoRA: magnitude m [out] (trainable, starts at ||W||_row) times the direction of W + sBA.
+
+    y = x W^T + (c - 1) * drop(x) W^T + c * s drop(x) A^T B^T,  c = m / ||W + sBA||_row.
+    Cost near LoRA's, no approximation:
+    - the norm is ||W||^2_row + 2s rowsum(B * (W A^T)) + s^2 rowsum(B * (B (A A^T))) (float32,
+      from the live W every step, so a reloaded base weight is never seen stale): [out, r]
+      products instead of forming W + sBA [out, in];
+    - under dropout (training), drop(x) W^T = k (x W^T - z), k = 1/(1 - p), z = (x * dropped) W^T
+      over the dropped elements only (kernels ``dropped_matmul``, a fraction p of a matmul) where
+      that kernel runs (CPU float32, unsharded, Dense/Linear bases); else a second full matmul of
+      drop(x) (mcore bases, Ascend, other dtypes, ``use_fused_kernel: false``).
+    """
 
     extra_parameters = ("lora_magnitude_vector",)
 
@@ -71,16 +82,43 @@ class Dora(Lora):
         layer.lora_magnitude_vector = Parameter(
             initializer(FromBase(row_norms), [layer.out_channels], layer.lora_A.dtype),
             name="lora_magnitude_vector")
+        # W A^T [out, r] from W in its stored layout ([out, in] or [in, out])
+        layer.dora_wa_matmul = P.MatMul(transpose_a=not layer.transpose_b, transpose_b=True)
+        layer.dora_dropped = None
+        if layer.dropout_active:
+            layer.dora_dropped, layer.dora_dropped_reason = _dropped_matmul(layer)
+            layer.dora_keep_scale = 1.0 / (1.0 - layer.lora_dropout.p)
+
+    @staticmethod
+    def weight_norm(layer):
+        """||W + s B A||_row [out] float32, a constant for backward."""
+        f32 = mstype.float32
+        weight = layer.cast(layer.weight, f32)
+        lora_a = F.stop_gradient(layer.cast(layer.lora_A, f32))
+        lora_b = F.stop_gradient(layer.cast(layer.b_matrix(), f32))
+        s = layer.scaling
+        w_sq = F.reduce_sum(weight * weight, 1 if layer.transpose_b else 0)
+        cross = F.reduce_sum(lora_b * layer.dora_wa_matmul(weight, lora_a), 1)
+        gram = layer.lora_a_matmul(lora_a, lora_a)  # A A^T [r, r]
+        ba_sq = F.reduce_sum(lora_b * layer.delta_matmul(lora_b, gram), 1)
+        return F.stop_gradient(F.sqrt(F.maximum(w_sq + (2 * s) * cross + (s * s) * ba_sq, 0.0)))
 
     @staticmethod
     def delta(layer, x2d, base_out):
-        x_drop = layer.lora_dropout(x2d)
+        base_drop = base_out
         if layer.dropout_active and layer.training:
-            base_out = layer.matmul(x_drop, layer.cast(layer.weight, layer.compute_dtype))
-        adapted = layer.weight_oi() + layer.delta_weight()
-        norm = F.stop_gradient(F.sqrt(F.reduce_sum(adapted * adapted, 1)))
+            if layer.dora_dropped is not None:
+                x_drop, keep = layer.lora_dropout.dropout(x2d)
+                dropped_out = layer.dora_dropped(x2d, keep, layer.weight_oi())[0]
+                base_drop = (base_out - dropped_out) * layer.dora_keep_scale
+            else:
+                x_drop = layer.lora_dropout(x2d)
+                base_drop = layer.matmul(x_drop, layer.cast(layer.weight, layer.compute_dtype))
+        else:
+            x_drop = x2d
+        norm = layer.cast(Dora.weight_norm(layer), layer.compute_dtype)
         scale = layer.cast(layer.lora_magnitude_vector, layer.compute_dtype) / norm
-        return (scale - 1) * layer.active() * base_out + scale * layer.lora_path(x_drop)
+        return (scale - 1) * layer.active() * base_drop + scale * layer.lora_path(x_drop)
 
     @staticmethod
     def merge(weight, delta_weight, params):
@@ -121,11 +159,12 @@ class LoraLinear(AdoptedLinear):
         self.lora_dropout = nn.Dropout(p=spec.dropout) if self.dropout_active else nn.Identity()
         self.lora_a_matmul = P.MatMul(transpose_b=True)
         self.lora_b_matmul = P.MatMul(transpose_b=True)
-        self.delta_matmul = P.MatMul()
+        self.delta_matmul = P.MatMul()  # B (A A^T) in DoRA's norm
         # 1 while the adapter is applied, 0 once merged: a Parameter, so a graph compiled
         # before merge() still computes the right thing (a Python flag would be frozen into it).
         self.lora_active = Parameter(Tensor(1.0, mstype.float32), name="lora_active",
                                      requires_grad=False)
+        self.use_fused_kernel = spec.use_fused_kernel
         self.variant = Dora if spec.use_dora else Lora
         self.variant.init(self)
         self._merge_cache = None
@@ -171,11 +210,6 @@ class LoraLinear(AdoptedLinear):
             y = y + self.cast(self.lora_B_bias, self.compute_dtype)
         return y * (self.active() * self.scaling)
 
-    def delta_weight(self):
-        """s * B A [out, in] in compute dtype, a constant for backward (used by DoRA's norm)."""
-        return F.stop_gradient(self.delta_matmul(self.b_matrix(),
-                                                 self.cast(self.lora_A, self.compute_dtype))) * self.scaling
-
     def delta(self, x2d, base_out):
         return self.variant.delta(self, x2d, base_out)
 
@@ -218,6 +252,20 @@ class LoraLinear(AdoptedLinear):
             raise ValueError("lora_bias needs a base cell with a bias to merge into")
         bias = to_numpy(self.bias) + sign * self.scaling * arrays["lora_B_bias"]
         self.bias.set_data(Tensor(bias.astype(np.float32), self.bias.dtype))
+
+
+def _dropped_matmul(layer):
+    """(DoRA's dropout-correction op for ``layer`` or None, reason): CPU float32 and unsharded."""
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from mindformers_lora_ext.kernels import dispatch  # pylint: disable=import-outside-toplevel
+    if layer.parallel:
+        # MindSpore 2.9 fails to run a Custom op next to the mcore base's Morph ("The prim is not
+        # a PrimitivePy" in CustomInferTypeByPy at run time; tests/test_parallel_linear.py)
+        return None, "mcore base: MindSpore cannot run the Custom op in its graph"
+    mode = ms.get_auto_parallel_context("parallel_mode")
+    if mode not in ("stand_alone", "data_parallel"):
+        return None, f"parallel_mode {mode}: the kernel has no shard strategy"
+    return dispatch.resolve_dropped_matmul(layer.use_fused_kernel, layer.compute_dtype)
 
 
 def delta_weight_array(arrays: Dict[str, np.ndarray], scaling: float) -> np.ndarray:

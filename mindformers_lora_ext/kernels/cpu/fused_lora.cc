@@ -33,7 +33,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #define FLK_API extern "C" __attribute__((visibility("default")))
-#define FLK_ABI_VERSION 2
+#define FLK_ABI_VERSION 3
 
 class AotExtra;  // MindSpore's attribute accessor: unused, only named in the infer signatures
 
