@@ -29,8 +29,11 @@ last lines. The fresh-process runner, rounds, table and ratios are ``benchmarks/
 MindSpore's CPU runtime runs each kernel on 2 threads here; when something else keeps one core
 busy, every such kernel waits for its second half and a step can take twice as long.
 ``--threads 1`` measures single-threaded kernels instead: slower, but less disturbed.
+``dora_no_kernel`` is ``dora`` with ``use_fused_kernel: false`` (under ``--dropout`` > 0 it recomputes
+drop(x) W^T with a second matmul instead of DoRA's dropped-matmul kernel). ``s3`` is h1024.
 
-    python benchmarks/step_time.py                          # tiny and small, all four setups
+    python benchmarks/step_time.py                          # tiny and small, all setups
+    python benchmarks/step_time.py --sizes small,s3 --setups lora_ext,dora,dora_no_kernel --dropout 0.05
     python benchmarks/step_time.py --sizes small --steps 20 --setups lora,lora_ext --threads 1
 """
 import argparse
@@ -44,7 +47,9 @@ from _rounds import (any_failed, print_ratios, print_table, run_fresh,  # pylint
 
 MARK = "STEP_TIME_RESULT "
 
-SETUPS = ("lora", "lora_ext", "dora", "full")
+SETUPS = ("lora", "lora_ext", "dora", "dora_no_kernel", "full")
+# setup -> (pet_type, extra pet_config keys): the same method with its kernels switched off
+VARIANTS = {"dora_no_kernel": ("dora", {"use_fused_kernel": False})}
 TARGETS = ".*wq|.*wk|.*wv|.*wo"
 RANK, ALPHA = 8, 16
 # tiny = the dims of configs/tiny/lora_ext.yaml; vocab 128 in both. small keeps batch 2: full
@@ -52,21 +57,23 @@ RANK, ALPHA = 8, 16
 SIZES = {
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "seq_length": 32, "batch_size": 2},
     "small": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "seq_length": 256, "batch_size": 2},
+    "s3": {"hidden_size": 1024, "num_layers": 4, "num_heads": 8, "seq_length": 256, "batch_size": 2},
 }
-DEFAULT_STEPS = {"tiny": 50, "small": 15}  # timed steps when --steps is not given
+DEFAULT_STEPS = {"tiny": 50, "small": 15, "s3": 8}  # timed steps when --steps is not given
 # (numerator, denominator, bound): "numerator <= bound x denominator" is the goal.
-GOALS = (("lora_ext", "lora", 1.0), ("dora", "lora_ext", 1.15),
+GOALS = (("lora_ext", "lora", 1.0), ("dora", "lora_ext", 1.10), ("dora", "dora_no_kernel", 1.0),
          ("lora_ext", "full", 0.75), ("lora", "full", 0.75))
 
 
 # ----------------------------------------------------------------------------- child side
 
-def _pet_config(setup):
+def _pet_config(setup, dropout):
     if setup == "full":
         return None
+    pet_type, extra = VARIANTS.get(setup, (setup, {}))
     # stock `lora` and ours take the same four keys here
-    return {"pet_type": setup, "lora_rank": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
-            "target_modules": TARGETS}
+    return {"pet_type": pet_type, "lora_rank": RANK, "lora_alpha": ALPHA, "lora_dropout": dropout,
+            "target_modules": TARGETS, **extra}
 
 
 def run_child(spec):
@@ -81,12 +88,12 @@ def run_child(spec):
     setup, dims = spec["setup"], SIZES[spec["size"]]
     config = sized_config(dims)
     model_config = config.model.model_config
-    pet_config = _pet_config(setup)
+    pet_config = _pet_config(setup, spec["dropout"])
     if pet_config is None:
         del model_config["pet_config"]
     else:
-        if not is_supported_pet_type(setup):
-            raise RuntimeError(f"pet_type {setup!r} is not registered: is mindformers-lora-ext installed?")
+        if not is_supported_pet_type(pet_config["pet_type"]):
+            raise RuntimeError(f"pet_type {pet_config['pet_type']!r} is not registered: is mindformers-lora-ext installed?")
         model_config.pet_config = MindFormerConfig(**pet_config)
 
     # what run_mindformer.py main() and Trainer.__init__ / training_process do, in order
@@ -116,9 +123,10 @@ def run_child(spec):
 
 # ---------------------------------------------------------------------------- parent side
 
-def run_one(size, setup, steps, warmup, threads, timeout, tail):
+def run_one(size, setup, steps, warmup, threads, timeout, tail, dropout):
     """One (size, setup) in a fresh interpreter; returns (result or None, wall s, error text)."""
-    spec = {"size": size, "setup": setup, "steps": steps, "warmup": warmup, "threads": threads}
+    spec = {"size": size, "setup": setup, "steps": steps, "warmup": warmup, "threads": threads,
+            "dropout": dropout}
     return run_fresh(__file__, MARK, spec, f"step_time_{size}_{setup}_", timeout, tail)
 
 
@@ -138,6 +146,7 @@ def main(argv=None):
                              "0 = MindSpore's default (default 0)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per setup (default 600)")
     parser.add_argument("--tail", type=int, default=25, help="output lines shown of a failed setup")
+    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout of every setup (default 0)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -155,7 +164,7 @@ def main(argv=None):
         parser.error("--warmup, --steps and --rounds must be >= 1 (the first warmup step compiles)")
 
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-          f"load average at start {os.getloadavg()[0]:.2f}; rank {RANK}, alpha {ALPHA}, "
+          f"load average at start {os.getloadavg()[0]:.2f}; rank {RANK}, alpha {ALPHA}, dropout {args.dropout}, "
           f"targets '{TARGETS}', warmup {args.warmup}, {args.rounds} rounds, "
           f"CPU kernel threads {args.threads or 'MindSpore default'}")
     for size in sizes:
@@ -167,7 +176,7 @@ def main(argv=None):
     runs = run_rounds(  # {(size, setup): [result or None per round]} in table order
         [((size,), setups) for size in sizes], args.rounds,
         lambda key: run_one(*key, args.steps or DEFAULT_STEPS[key[0]], args.warmup, args.threads,
-                            args.timeout, args.tail),
+                            args.timeout, args.tail, args.dropout),
         arch_key="model")
     print()
     print_table(runs, ("size", "setup"))

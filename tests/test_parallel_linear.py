@@ -131,7 +131,7 @@ def test_dora_dropout_kernel_is_not_used_on_mcore_until_mindspore_runs_it():
     layer = LoraLinear(column(bias=True), spec(use_dora=True, lora_dropout=0.3))
     assert layer.dora_dropped is None and "mcore base" in layer.dora_dropped_reason
     from mindformers_lora_ext.kernels import dispatch
-    layer.dora_dropped, _ = dispatch.resolve_dropped_matmul("auto", ms.float32)
+    layer.dora_dropped, _ = dispatch.resolve_dropped_matmul(True, ms.float32)
     layer.set_train(True)
     with pytest.raises(RuntimeError, match="PrimitivePy"):
         run(layer, RNG.standard_normal((4, 3, IN)).astype(np.float32))

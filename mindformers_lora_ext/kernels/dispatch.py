@@ -36,6 +36,10 @@ forward + backward of loss = sum(y * dy); times in ms, OMP_NUM_THREADS=1 for bot
   that module owns the decision (``is_available()``).
 * anything else (GPU, ...): composition.
 
+DoRA's dropout correction (:func:`resolve_dropped_matmul`, ``cpu/dropped_matmul.cc``) follows the
+same key, but only ``True`` uses it (CPU float32): in whole training steps it was slower than the
+second matmul (1.37x at h512, 1.10x at h1024, dropout 0.05), though faster in isolation.
+
 Failures never stop training: a compiler error, a library that does not load or an op that
 cannot be constructed logs ONE warning per (device, reason) on the ``mindformers_lora_ext.kernels``
 logger, and the layer uses the composition.
@@ -213,13 +217,15 @@ def resolve(use_fused="auto", dtype=mstype.float32, device: Optional[str] = None
 
 
 def resolve_dropped_matmul(use_fused="auto", dtype=mstype.float32, device: Optional[str] = None):
-    """(DoRA's dropout-correction op or None, reason); see ``tuners/lora.py`` (Dora). Follows
-    ``use_fused_kernel``: False never uses it; "auto" and True use it wherever it is built (CPU,
-    float32; a failed build falls back with the one warning of :func:`resolve`)."""
+    """(DoRA's dropout-correction op or None, reason); see ``tuners/lora.py`` (Dora). Only
+    ``use_fused_kernel: true`` uses it (CPU float32; a failed build falls back with one warning):
+    "auto" does not, since whole steps measured slower with it (module docstring)."""
     use_fused = check_use_fused(use_fused)
     device = device or current_device()
     if use_fused is False:
         return None, "use_fused_kernel is False"
+    if use_fused == "auto":  # benchmarks/step_time.py --dropout 0.05: whole steps 1.37x (h512), 1.10x (h1024)
+        return None, "auto rule: the second matmul was faster in whole training steps"
     if device != "CPU" or dtype_name(dtype) != "float32":
         return None, f"no DoRA dropout kernel for {dtype_name(dtype)} on {device}"
     try:
