@@ -58,8 +58,8 @@ def make_cpu_ops(lib_path: str):
 def make_dropped_matmul(lib_path: str):
     """DoRA's dropout correction ``z = (x * (1 - keep)) W^T`` as a Custom primitive
     (cpu/dropped_matmul.cc): x, keep [N, in] float32 (keep: MindSpore Dropout's 0/1 mask),
-    W [out, in] float32 -> (z [N, out], dropped [1] = the number of dropped elements). Its bprop gives x ``(1 - keep) * (dz W)``; keep and W
-    get zero gradients (W is frozen)."""
+    W [out, in] float32 -> (z [N, out], dropped [1] = the number of dropped elements).
+    Its bprop gives x ``(1 - keep) * (dz W)``; keep and W get zero gradients (W is frozen)."""
     f32 = DataType.F32_Default
     # second output `dropped` [1] (count of dropped elements): see cpu/dropped_matmul.cc for why
     backward = ops.Custom(

@@ -208,6 +208,11 @@ def resolve(use_fused="auto", dtype=mstype.float32, device: Optional[str] = None
         return None, reason
     if use_fused == "auto" and not AUTO_RULE.get(key, False):
         return None, f"auto rule: the composition is faster for {key[1]} on {device}"
+    return _built(device)
+
+
+def _built(device: str) -> Tuple[Optional[Backend], str]:
+    """(backend, "fused"), or (None, the build failure, warned once per device and reason)."""
     try:
         return build_backend(device), "fused"
     except Exception as exc:  # pylint: disable=broad-except
@@ -224,15 +229,12 @@ def resolve_dropped_matmul(use_fused="auto", dtype=mstype.float32, device: Optio
     device = device or current_device()
     if use_fused is False:
         return None, "use_fused_kernel is False"
-    if use_fused == "auto":  # benchmarks/step_time.py --dropout 0.05: whole steps 1.37x (h512), 1.10x (h1024)
+    if use_fused == "auto":  # step_time.py --dropout 0.05: whole steps 1.37x (h512), 1.10x (h1024)
         return None, "auto rule: the second matmul was faster in whole training steps"
     if device != "CPU" or dtype_name(dtype) != "float32":
         return None, f"no DoRA dropout kernel for {dtype_name(dtype)} on {device}"
-    try:
-        backend = build_backend(device)
-    except Exception as exc:  # pylint: disable=broad-except
-        reason = f"{type(exc).__name__}: {exc}"
-        warn_once(device, reason)
+    backend, reason = _built(device)
+    if backend is None:
         return None, reason
     if backend.dropped_matmul is None:
         return None, f"no DoRA dropout kernel in the {backend.name} backend"

@@ -108,8 +108,8 @@ static void row_range(long N, long* n0, long* n1) {
 
 // The row workers. Register blocking: the forward accumulates a block of kBlock outputs of z's
 // row in registers over all dropped elements of the row (one load per FMA, one store per block);
-// the backward computes kDots dot products at once (dz's chunk loaded once for all of them). Compiled once per instruction
-// set (AVX2 + FMA, and the baseline) and picked at run time by CPU features.
+// the backward computes kDots dot products at once (dz's chunk loaded once for all of them).
+// Compiled once per instruction set (AVX2 + FMA, and the baseline), picked at run time.
 
 #define FDM_WORKERS(SUFFIX, TARGET)                                                                      \
   TARGET static void forward_rows_##SUFFIX(const Blocked& wt, const float* x, long n0, long n1, long in,  \
@@ -251,6 +251,16 @@ static bool is_f32(const char* dtype) { return dtype && strcmp(dtype, "float32")
 
 enum Err { OK = 0, ERR_NPARAM = 1, ERR_DTYPE = 2, ERR_SHAPE = 3 };
 
+// Both ops take three 2-D float32 inputs and give a 2-D float32 result plus dropped [1] float32.
+static int check_args(int nparam, int* ndims, const char** dtypes) {
+  if (nparam != 5) return ERR_NPARAM;
+  for (int i = 0; i < 5; ++i)
+    if (!is_f32(dtypes[i])) return ERR_DTYPE;
+  for (int i = 0; i < 4; ++i)
+    if (ndims[i] != 2) return ERR_SHAPE;
+  return OK;
+}
+
 }  // namespace fdm
 
 // Both ops have a second output, dropped [1] float32 = the number of dropped elements of keep:
@@ -267,12 +277,7 @@ FLK_API int DroppedMatmulForward(int nparam, void** params, int* ndims, int64_t*
                                  void* stream, void* extra) {
   (void)stream;
   (void)extra;
-  if (nparam != 5) return fdm::ERR_NPARAM;
-  if (!fdm::is_f32(dtypes[4])) return fdm::ERR_DTYPE;
-  for (int i = 0; i < 4; ++i) {
-    if (!fdm::is_f32(dtypes[i])) return fdm::ERR_DTYPE;
-    if (ndims[i] != 2) return fdm::ERR_SHAPE;
-  }
+  if (const int err = fdm::check_args(nparam, ndims, dtypes)) return err;
   const long N = shapes[0][0], in = shapes[0][1], out = shapes[2][0];
   if (shapes[1][0] != N || shapes[1][1] != in || shapes[2][1] != in || shapes[3][0] != N || shapes[3][1] != out)
     return fdm::ERR_SHAPE;
@@ -295,12 +300,7 @@ FLK_API int DroppedMatmulBackward(int nparam, void** params, int* ndims, int64_t
                                   void* stream, void* extra) {
   (void)stream;
   (void)extra;
-  if (nparam != 5) return fdm::ERR_NPARAM;
-  if (!fdm::is_f32(dtypes[4])) return fdm::ERR_DTYPE;
-  for (int i = 0; i < 4; ++i) {
-    if (!fdm::is_f32(dtypes[i])) return fdm::ERR_DTYPE;
-    if (ndims[i] != 2) return fdm::ERR_SHAPE;
-  }
+  if (const int err = fdm::check_args(nparam, ndims, dtypes)) return err;
   const long N = shapes[1][0], in = shapes[1][1], out = shapes[2][0];
   if (shapes[0][0] != N || shapes[0][1] != out || shapes[2][1] != in || shapes[3][0] != N || shapes[3][1] != in)
     return fdm::ERR_SHAPE;
