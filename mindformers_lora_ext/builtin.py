@@ -6,6 +6,7 @@ def register():
     # pylint: disable=import-outside-toplevel
     from mindformers_lora_ext.callbacks import AdaLoraRankAllocator, AdapterCheckpoint, TrainingSummary
     from mindformers_lora_ext.config import LORA_PRESETS, AdaLoraConfig, LohaConfig, LokrConfig, VeraConfig
+    from mindformers_lora_ext.data_init.callback import DataDrivenInit
     from mindformers_lora_ext.optimizers import LoraPlusAdamW
     from mindformers_lora_ext.registry import (register_callback, register_optimizer,
                                                register_pet_type, register_wrapper)
@@ -25,4 +26,5 @@ def register():
     register_callback(TrainingSummary)
     register_callback(AdapterCheckpoint)
     register_callback(AdaLoraRankAllocator)
+    register_callback(DataDrivenInit)
     register_optimizer(LoraPlusAdamW)

@@ -34,8 +34,8 @@ class TrainingSummary(Callback):
 
     Args:
         summary_file (str, optional): also write the summary as JSON here.
-        check_frozen (bool): checksum every parameter at train begin and end, and report which
-            trainable and which frozen parameters changed (costs one pass over the weights).
+        check_frozen (bool): checksum every parameter at the first step and at train end, and report
+            which trainable and which frozen parameters changed (costs one pass over the weights).
 
     Summary keys: ``trainable_params``, ``total_params`` (element counts),
     ``trainable_names``, ``losses`` (one float per step), ``first_loss``, ``last_loss``,
@@ -52,7 +52,11 @@ class TrainingSummary(Callback):
         self.summary: Dict[str, object] = {}
         self._before: Dict[str, tuple] = {}
 
-    def on_train_begin(self, run_context):
+    def on_train_step_begin(self, run_context):
+        if self.summary:
+            return
+        # at the first step, not at train begin: other callbacks' on_train_begin may still set
+        # weights (DataDrivenInit's residual base weights, a resumed adapter)
         network = _network_of(run_context.original_args())
         params = list(network.get_parameters())
         trainable = [p for p in params if p.requires_grad]
@@ -98,13 +102,14 @@ class TrainingDivergedError(RuntimeError):
     """Training stopped after ``nan_patience`` steps with a non-finite loss."""
 
 
-def _adapter_model(cb_params):
-    """Our AdapterModel inside the train network (train wrapper -> PetModel -> AdapterModel)."""
+def adapter_model_of(cb_params, who: str):
+    """Our AdapterModel inside the train network (train wrapper -> PetModel -> AdapterModel);
+    ``who``: the callback asking, for the error."""
     from mindformers_lora_ext.tuners.model import AdapterModel  # pylint: disable=import-outside-toplevel
     for _, cell in cb_params.train_network.cells_and_names():
         if isinstance(cell, AdapterModel):
             return cell
-    raise TypeError("AdapterCheckpoint needs a model built by one of mindformers-lora-ext's pet "
+    raise TypeError(f"{who} needs a model built by one of mindformers-lora-ext's pet "
                     "types (model.model_config.pet_config.pet_type); none found in the train network")
 
 
@@ -132,8 +137,11 @@ class AdapterCheckpoint(Callback):
         save_optimizer (bool): also save the adapter's optimizer state (``optimizer.safetensors``,
             not part of PEFT's format) so ``resume`` continues the same trajectory.
 
-    PiSSA/OLoRA runs also get ``<output_dir>/initial/``, the adapter before the first step,
-    which ``mindformers-lora convert`` needs. Only rank 0 writes; every rank loads on resume.
+    PiSSA/OLoRA/CorDA/LoRA-GA runs (which train on residual base weights) also get
+    ``<output_dir>/initial/``, the adapter before the first step (after DataDrivenInit), which
+    ``mindformers-lora convert`` needs, and which ``resume`` takes out of the base weights again
+    for CorDA / LoRA-GA (their residual cannot be recomputed without the data). Only rank 0
+    writes; every rank loads on resume.
     """
 
     def __init__(self, save_steps: int = 100, output_dir: Optional[str] = None,
@@ -159,6 +167,7 @@ class AdapterCheckpoint(Callback):
         self._diverged = False
         self._model = None
         self._optimizer = None
+        self._initial_due = False  # the initial adapter is written at the first step
 
     # -- paths and ranks
     def root(self) -> str:
@@ -181,9 +190,14 @@ class AdapterCheckpoint(Callback):
         model_params = {id(p) for p in self._model.get_parameters()}
         return {p.name: p for p in self._optimizer.get_parameters() if id(p) not in model_params}
 
+    def will_resume(self) -> bool:
+        """Whether on_train_begin loads an adapter (``resume`` and a saved step under the root)."""
+        from mindformers_lora_ext import adapter_files  # pylint: disable=import-outside-toplevel
+        return self.resume and bool(adapter_files.step_dirs(self.root()))
+
     def on_train_begin(self, run_context):
         cb_params = run_context.original_args()
-        self._model = _adapter_model(cb_params)
+        self._model = adapter_model_of(cb_params, "AdapterCheckpoint")
         self._optimizer = getattr(cb_params, "optimizer", None) or getattr(cb_params.train_network, "optimizer", None)
         from mindformers_lora_ext import adapter_files  # pylint: disable=import-outside-toplevel
         root = self.root()
@@ -194,13 +208,18 @@ class AdapterCheckpoint(Callback):
         elif self.resume:
             print(f"[mindformers-lora-ext] AdapterCheckpoint: resume requested, no adapter under "
                   f"{root} yet: starting fresh", flush=True)
-        if self._is_writer():
-            self._save_initial(root)
+        # written at the first step: a DataDrivenInit running after us sets the initial adapter
+        self._initial_due = self._is_writer()
+
+    def on_train_step_begin(self, run_context):
+        if self._initial_due:
+            self._initial_due = False
+            self._save_initial(self.root())
 
     def _save_initial(self, root):
-        """PiSSA/OLoRA: keep the adapter as it is before the first step in ``<root>/initial``;
-        ``mindformers-lora convert`` needs it to turn the trained adapter into a plain LoRA for
-        the original base weights (pissa_to_lora)."""
+        """PiSSA/OLoRA/CorDA/LoRA-GA: keep the adapter as it is before the first step in
+        ``<root>/initial``; ``mindformers-lora convert`` needs it to turn the trained adapter into a
+        plain LoRA for the original base weights (pissa_to_lora)."""
         # pylint: disable=import-outside-toplevel
         from mindformers_lora_ext.peft_format import save_adapter
         from mindformers_lora_ext.pissa_to_lora import INITIAL_DIR, is_convertible
@@ -221,6 +240,18 @@ class AdapterCheckpoint(Callback):
         from safetensors.numpy import load_file
         from mindformers_lora_ext import adapter_files
         from mindformers_lora_ext.peft_format import load_adapter
+        from mindformers_lora_ext.config import DATA_DRIVEN_INITS
+        from mindformers_lora_ext.pissa_to_lora import INITIAL_DIR, is_convertible
+        init = getattr(self._model.config.pet_config, "init_lora_weights", None)
+        # a residual the data made (CorDA, LoRA-GA; PiSSA/OLoRA recompute theirs from W at build)
+        if init in DATA_DRIVEN_INITS and is_convertible(init) and not self._model.has_adapter_values():
+            # the base weights are the original ones: the run trained on W - s B0 A0
+            initial = os.path.join(root, INITIAL_DIR)
+            if not os.path.isdir(initial):
+                raise FileNotFoundError(f"AdapterCheckpoint resume: a {init} run trains on residual base weights "
+                                        f"W - s B0 A0, and its initial adapter {initial} is missing")
+            load_adapter(self._model, initial)
+            self._model.subtract_adapters()
         directory = load_adapter(self._model, root)
         self.step_offset = self.last_saved = int(adapter_files.STEP_DIR.fullmatch(
             os.path.basename(directory)).group(1))
@@ -304,6 +335,8 @@ class AdapterCheckpoint(Callback):
         from mindformers_lora_ext.merge import is_adapter_tensor, merged_values, save_mindspore_checkpoint
         params = {p.name: p for p in self._model.get_parameters()}
         adapter = {n: param_array(p) for n, p in params.items() if is_adapter_tensor(n)}
+        # A and B at the rank in use, as files hold them (EVA allocates more rows than it uses)
+        adapter.update({n: v for n, v in self._model.adapter_state_dict().items() if n in adapter})
         merged = merged_values(lambda n: param_array(params[n]) if n in params else None, adapter,
                                self._model.config.pet_config, "network")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -340,7 +373,7 @@ class AdaLoraRankAllocator(Callback):
         # pylint: disable=import-outside-toplevel
         from mindformers_lora_ext.tuners.adalora import AdaLoraModel, RankAllocator
         cb_params = run_context.original_args()
-        self._model = _adapter_model(cb_params)
+        self._model = adapter_model_of(cb_params, "AdaLoraRankAllocator")
         if not isinstance(self._model, AdaLoraModel):
             raise TypeError("AdaLoraRankAllocator needs pet_type: adalora")
         self._wrapper = cb_params.train_network

@@ -39,7 +39,6 @@ def _pet_config(pet: dict):
 
 def _cmd_export(args) -> int:
     # pylint: disable=import-outside-toplevel
-    import shutil
     from mindformers_lora_ext import adapter_files, peft_format
     if os.path.isdir(args.adapter):  # one of our adapter dirs (already PEFT's layout): a clean copy
         source = adapter_files.resolve_adapter_dir(args.adapter)
@@ -64,6 +63,8 @@ def _cmd_export(args) -> int:
         if (is_adapter_tensor(name) and attr not in GATES and (cell or name in shared)) or \
                 any(cell == m or cell.endswith("." + m) for m in saved):
             arrays[name] = value
+    if getattr(pet, "init_lora_weights", None) == "eva":
+        arrays = _eva_ranks_in_use(arrays, pet)
     cells = adapter_cells(arrays, pet)  # gates dropped: merged cells' adapters are exported too
     if not cells:
         raise SystemExit(f"{args.adapter}: no adapter tensor of pet_type {pet.pet_type!r} (e.g. "
@@ -104,6 +105,28 @@ def _run_names(path, checkpoint, cells):
                          f"{adapter_files.META_NAME} with their map was found (pass --names, the file the run "
                          f"wrote to its output_dir)")
     return hf_map.legacy_map(cells)
+
+
+def _eva_ranks_in_use(arrays, pet):
+    """A run checkpoint's EVA tensors cut to each cell's rank in use (cells at rank 0 dropped),
+    the ranks and alphas recorded in ``pet`` (rank_pattern / alpha_pattern of the export)."""
+    from mindformers_lora_ext.merge import eva_in_use  # pylint: disable=import-outside-toplevel
+    out = dict(arrays)
+    ranks = {}
+    for cell in sorted({n[: -len(".lora_A")] for n in arrays if n.endswith(".lora_A")}):
+        mine = {n.rsplit(".", 1)[-1]: v for n, v in arrays.items() if n.rsplit(".", 1)[0] == cell}
+        spec = pet.module_options(cell)
+        if mine["lora_A"].shape[0] <= spec.rank:
+            continue  # not padded: already at its rank
+        trimmed, rank, alpha = eva_in_use(mine, spec, pet)
+        if rank == 0:
+            for attr in mine:
+                out.pop(f"{cell}.{attr}")
+            continue
+        out.update({f"{cell}.{attr}": value for attr, value in trimmed.items()})
+        ranks[cell] = (rank, alpha)
+    pet.record_ranks(ranks)
+    return out
 
 
 def _cmd_import(args) -> int:

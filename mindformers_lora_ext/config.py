@@ -272,17 +272,22 @@ def pattern_value(patterns: Dict[str, Any], name: str, default):
     return default
 
 
-INIT_SCHEMES = ("true", "false", "kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora")
+INIT_SCHEMES = ("true", "false", "kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora", "eva", "corda",
+                "lora_ga")
+# initialisations from the training data (data_init/): run by the DataDrivenInit callback
+DATA_DRIVEN_INITS = ("eva", "corda", "lora_ga")
 _PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 
 
 def _check_init(value):
-    """``init_lora_weights`` -> True | False | 'gaussian' | 'pissa' | 'pissa_niter_N' | 'olora'."""
+    """``init_lora_weights`` -> True | False | 'gaussian' | 'pissa' | 'pissa_niter_N' | 'olora' |
+    'eva' | 'corda' | 'lora_ga'."""
     if value is True or value is False:
         return value
     if value == "kaiming":
         return True
-    if value in ("gaussian", "pissa", "olora") or (isinstance(value, str) and _PISSA_NITER.fullmatch(value)):
+    if value in ("gaussian", "pissa", "olora") + DATA_DRIVEN_INITS \
+            or (isinstance(value, str) and _PISSA_NITER.fullmatch(value)):
         return value
     raise PetConfigError(f"{_key('init_lora_weights')} = {value!r}: expected one of "
                          f"{list(INIT_SCHEMES)} (N a positive integer)")
@@ -302,7 +307,9 @@ def _check_bool(name, value):
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """What one adapted cell gets: rank r, scaling s, dropout p, init scheme, variant flags."""
+    """What one adapted cell gets: rank r, scaling s, dropout p, init scheme, variant flags;
+    ``rows``: the rank its A and B are allocated with (EVA: round(r * rho), so a redistributed
+    rank fits; the rows past the rank in use stay zero), default r."""
 
     rank: int
     alpha: float
@@ -312,6 +319,13 @@ class LoraSpec:
     use_dora: bool
     lora_bias: bool
     use_fused_kernel: Union[bool, str] = "auto"
+    rows: int = 0
+    use_rslora: bool = False
+
+    @property
+    def allocated(self) -> int:
+        """Rows of A (and columns of B)."""
+        return max(self.rows, self.rank)
 
 
 class LoraExtConfig(AdapterConfig):
@@ -324,14 +338,20 @@ class LoraExtConfig(AdapterConfig):
     (a trainable bias on B), ``fused_cells`` (shared: one adapter per MindFormers cell, also for a
     cell fusing several HF modules such as mcore ``linear_qkv`` = q/k/v and ``linear_fc1`` =
     gate/up; per_hf_module: one adapter per HF module inside such cells, as HF PEFT trains them,
-    each of rank ``lora_rank`` and scaling from it), plus the targeting keys of AdapterConfig.
+    each of rank ``lora_rank`` and scaling from it), ``trainable_token_indices`` (train only these
+    rows of an embedding table: a list of token ids for the model's input embedding, or
+    {embedding cell: [ids]}; see tuners/trainable_tokens.py), ``eva_config`` / ``corda_config`` /
+    ``lora_ga_config`` (the options of ``init_lora_weights`` eva / corda / lora_ga, HF PEFT's
+    EvaConfig / CordaConfig / LoraGAConfig fields, see data_init/), plus the targeting keys of
+    AdapterConfig.
     """
 
     pet_type_name = "lora_ext"
-    ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
+    ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "trainable_tokens_delta")
     DEFAULTS = dict(AdapterConfig.DEFAULTS, lora_rank=8, lora_alpha=16, lora_dropout=0.0,
                     use_rslora=False, use_dora=False, init_lora_weights=True, rank_pattern=None,
-                    alpha_pattern=None, lora_bias=False, use_fused_kernel="auto", fused_cells="shared")
+                    alpha_pattern=None, lora_bias=False, use_fused_kernel="auto", fused_cells="shared",
+                    trainable_token_indices=None, eva_config=None, corda_config=None, lora_ga_config=None)
 
     def _validate(self, values):
         values = super()._validate(values)
@@ -348,6 +368,10 @@ class LoraExtConfig(AdapterConfig):
                                                       _check_alpha)
         values["use_fused_kernel"] = _check_use_fused(values["use_fused_kernel"])
         values["fused_cells"] = _check_choice("fused_cells", values["fused_cells"], FUSED_CELLS)
+        values["trainable_token_indices"] = _check_token_indices(values["trainable_token_indices"],
+                                                                 values["modules_to_save"])
+        for init, name in (("eva", "eva_config"), ("corda", "corda_config"), ("lora_ga", "lora_ga_config")):
+            values[name] = _check_subconfig(name, values[name], init, values["init_lora_weights"])
         if values["fused_cells"] == "per_hf_module" and values["init_lora_weights"] not in (True, "gaussian"):
             raise PetConfigError(
                 f"{_key('fused_cells')} = per_hf_module needs init_lora_weights true or gaussian (B starts "
@@ -369,20 +393,161 @@ class LoraExtConfig(AdapterConfig):
         """The LoraConfig-specific fields of ``adapter_config.json`` for the adapted cells of
         ``names`` (an hf_map.HfMap)."""
         rank_pattern, alpha_pattern = _resolved_patterns(self, names, self.lora_rank, self.lora_alpha)
-        return {"peft_type": "LORA", "r": self.lora_rank, "lora_alpha": self.lora_alpha,
-                "lora_dropout": self.lora_dropout, "target_modules": _hf_targets(names),
-                "bias": "none", "fan_in_fan_out": False, "init_lora_weights": self.init_lora_weights,
-                "use_rslora": self.use_rslora, "use_dora": self.use_dora, "lora_bias": self.lora_bias,
-                "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+        # EVA may switch cells off (rank 0): name each adapted module, as PEFT's EVA does
+        targets = _hf_targets(names, full=self.init_lora_weights == "eva")
+        fields = {"peft_type": "LORA", "r": self.lora_rank, "lora_alpha": self.lora_alpha,
+                  "lora_dropout": self.lora_dropout, "target_modules": targets,
+                  "bias": "none", "fan_in_fan_out": False, "init_lora_weights": self.init_lora_weights,
+                  "use_rslora": self.use_rslora, "use_dora": self.use_dora, "lora_bias": self.lora_bias,
+                  "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+        for name in _SUBCONFIGS:
+            if getattr(self, name) is not None:
+                fields[name] = dict(getattr(self, name))
+        if self.trainable_token_indices is not None:
+            fields["trainable_token_indices"] = _hf_token_indices(self.trainable_token_indices, names)
+        return fields
+
+    def record_ranks(self, ranks: Dict[str, tuple]) -> None:
+        """Record per-cell (rank, alpha) that differ from what the patterns give (EVA's
+        redistribution, or a loaded EVA adapter's) as exact-name entries ahead of
+        ``rank_pattern`` / ``alpha_pattern``, so files and later builds see them."""
+        rank_pattern, alpha_pattern = {}, {}
+        for name, (rank, alpha) in ranks.items():
+            current = self.module_options(name)
+            if rank and rank != current.rank:
+                rank_pattern[re.escape(name)] = rank
+            if rank and alpha != current.alpha:
+                alpha_pattern[re.escape(name)] = alpha
+        self.rank_pattern = dict(rank_pattern, **{k: v for k, v in self.rank_pattern.items() if k not in rank_pattern})
+        self.alpha_pattern = dict(alpha_pattern, **{k: v for k, v in self.alpha_pattern.items()
+                                                    if k not in alpha_pattern})
 
     def module_options(self, name: str) -> LoraSpec:
         """The LoRA settings of target cell ``name`` (rank_pattern/alpha_pattern applied)."""
         rank = pattern_value(self.rank_pattern, name, self.lora_rank)
         alpha = pattern_value(self.alpha_pattern, name, self.lora_alpha)
-        scaling = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-        return LoraSpec(rank=rank, alpha=alpha, scaling=scaling, dropout=self.lora_dropout,
-                        init=self.init_lora_weights, use_dora=self.use_dora,
-                        lora_bias=self.lora_bias, use_fused_kernel=self.use_fused_kernel)
+        rows = int(round(rank * self.eva_config["rho"])) if self.init_lora_weights == "eva" else rank
+        return LoraSpec(rank=rank, alpha=alpha, scaling=lora_scaling(alpha, rank, self.use_rslora),
+                        dropout=self.lora_dropout, init=self.init_lora_weights, use_dora=self.use_dora,
+                        lora_bias=self.lora_bias, use_fused_kernel=self.use_fused_kernel, rows=rows,
+                        use_rslora=self.use_rslora)
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """LoRA's s: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+# The options of the data-driven inits: HF PEFT's EvaConfig / CordaConfig / LoraGAConfig fields,
+# key -> (default, check(name, value) -> value).
+def _bool_field(name, value):
+    return _check_bool(name, value)
+
+
+def _optional_path(name, value):
+    if value is not None and (not isinstance(value, str) or not value):
+        raise PetConfigError(f"{_key(name)} = {value!r}: expected a file path or null")
+    return value
+
+
+def _int_field(name, value):
+    if not _is_int(value):
+        raise PetConfigError(f"{_key(name)} = {value!r}: expected an integer")
+    return int(value)
+
+
+_SUBCONFIGS = {
+    "eva_config": {
+        "rho": (2.0, lambda n, v: _check_real(n, v, 1, float("inf"), high_open=True)),
+        "tau": (0.99, lambda n, v: _check_real(n, v, 0, 1)),
+        "use_label_mask": (True, _bool_field),
+        "label_mask_value": (-100, _int_field),
+        "whiten": (False, _bool_field),
+        "adjust_scaling_factors": (True, _bool_field),
+    },
+    "corda_config": {
+        "cache_file": (None, _optional_path),
+        "covariance_file": (None, _optional_path),
+        "corda_method": ("ipm", lambda n, v: _check_choice(n, v, ("ipm", "kpm"))),
+        "verbose": (False, _bool_field),
+        "use_float16_for_covariance": (False, _bool_field),
+        # PEFT drops its temporary per-module fields; ours never outlive the pass: no effect here
+        "prune_temporary_fields": (True, _bool_field),
+    },
+    "lora_ga_config": {
+        "direction": ("ArB2r", lambda n, v: _check_choice(n, v, ("ArB2r", "A2rBr", "ArBr", "random"))),
+        "scale": ("stable", lambda n, v: _check_choice(n, v, ("stable", "weight_svd", "gd_scale", "unit"))),
+        "stable_gamma": (16, lambda n, v: _check_real(n, v, 0, float("inf"), low_open=True, high_open=True)),
+    },
+}
+
+
+def _check_subconfig(name, value, init, chosen):
+    """``eva_config`` / ``corda_config`` / ``lora_ga_config``: a mapping of its fields (defaults
+    filled in) when ``init_lora_weights`` is ``init``, else absent."""
+    if chosen != init:
+        if value is not None:
+            raise PetConfigError(f"{_key(name)} is given but init_lora_weights = {chosen!r}: it configures "
+                                 f"init_lora_weights: {init} only. Drop it, or set init_lora_weights: {init}")
+        return None
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise PetConfigError(f"{_key(name)} = {value!r}: expected a mapping of its options "
+                             f"({', '.join(_SUBCONFIGS[name])})")
+    fields = _SUBCONFIGS[name]
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise PetConfigError(f"{_key(name)}.{unknown[0]} is not an option of {name}.{hint} Accepted: "
+                             f"{', '.join(fields)}")
+    return {key: check(f"{name}.{key}", value[key]) if key in value else default
+            for key, (default, check) in fields.items()}
+
+
+def _hf_token_indices(value, names):
+    """``trainable_token_indices`` for adapter_config.json: a list as is (PEFT: the input
+    embedding), a mapping keyed by the HF module's last name (PEFT matches names by their end)."""
+    if isinstance(value, list):
+        return list(value)
+    suffix = ".token_adapter.trainable_tokens_delta"
+    modules = {mf.rpartition(".")[0]: hf[: -len(suffix)] for mf, hf in names.params.items() if hf.endswith(suffix)}
+    out = {}
+    for key, ids in value.items():
+        found = [hf for cell, hf in modules.items() if cell == key or cell.endswith("." + key)]
+        out[found[0].rsplit(".", 1)[-1] if found else key] = list(ids)
+    return out
+
+
+def _check_token_ids(name, ids):
+    if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
+        raise PetConfigError(f"{_key(name)} = {ids!r}: expected a non-empty list of token ids (integers >= 0)")
+    repeated = sorted({int(i) for i in ids if list(ids).count(i) > 1})
+    if repeated:
+        raise PetConfigError(f"{_key(name)} = {ids!r}: token id(s) {repeated} repeated; each row trains once")
+    return [int(i) for i in ids]
+
+
+def _check_token_indices(value, modules_to_save):
+    """``trainable_token_indices`` (HF PEFT's): None, [ids] (the input embedding), or
+    {embedding cell name (or a trailing part of it): [ids]}."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return _check_token_ids("trainable_token_indices", value)
+    if not isinstance(value, dict) or not value:
+        raise PetConfigError(f"{_key('trainable_token_indices')} = {value!r}: expected a list of token ids "
+                             f"or a mapping {{embedding cell: [ids]}}")
+    out = {}
+    for cell, ids in value.items():
+        if not isinstance(cell, str) or not cell:
+            raise PetConfigError(f"{_key('trainable_token_indices')} key {cell!r}: expected an embedding cell name")
+        if cell in (modules_to_save or []):
+            raise PetConfigError(f"{_key('trainable_token_indices')} names {cell!r}, which modules_to_save trains "
+                                 f"whole: train the cell whole or some of its rows, not both")
+        out[cell] = _check_token_ids(f"trainable_token_indices[{cell!r}]", ids)
+    return out
 
 
 def _check_use_fused(value):
@@ -452,6 +617,7 @@ _COMMON_HINTS = {
     "init_lora_weights": f"an option of {_LORA_TYPES}; this method's initialisation key is 'init_weights'",
     "lora_bias": f"an option of {_LORA_TYPES} only",
     "lora_rank": "the rank is spelled 'r' here, as in HF PEFT",
+    "trainable_token_indices": f"an option of {_LORA_TYPES} only (as of HF PEFT's LoraConfig)",
 }
 
 
@@ -481,9 +647,10 @@ def _resolved_patterns(config, names, rank, alpha):
     return rank_pattern, alpha_pattern
 
 
-def _hf_targets(names):
-    """PEFT's ``target_modules``: the last name components of the HF modules of ``names``."""
-    return sorted({m.rsplit(".", 1)[-1] for modules in names.hf_modules().values() for m in modules})
+def _hf_targets(names, full=False):
+    """PEFT's ``target_modules``: the last name components of the HF modules of ``names`` (their
+    full names with ``full``)."""
+    return sorted({m if full else m.rsplit(".", 1)[-1] for modules in names.hf_modules().values() for m in modules})
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import numpy as np
 import mindspore as ms
 from safetensors import safe_open
 
-from mindformers_lora_ext.config import AdaLoraConfig, LohaConfig, LokrConfig, LoraExtConfig, VeraConfig
+from mindformers_lora_ext.config import (AdaLoraConfig, LohaConfig, LokrConfig, LoraExtConfig, VeraConfig,
+                                         lora_scaling)
 from mindformers_lora_ext.tuners.adalora import AdaLoraMath
 from mindformers_lora_ext.tuners.additive import GATE
 from mindformers_lora_ext.tuners.base_layer import EXPERT_PROJECTIONS, param_array
@@ -26,13 +27,15 @@ from mindformers_lora_ext.tuners.experts import expert_weights_oi, expert_weight
 from mindformers_lora_ext.tuners.loha import LohaMath
 from mindformers_lora_ext.tuners.lokr import LokrMath
 from mindformers_lora_ext.tuners.lora import Dora, Lora, merged_weight
+from mindformers_lora_ext.tuners.trainable_tokens import TABLE_ATTRS, merged_table, token_ids_of
 from mindformers_lora_ext.tuners.vera import VeraMath, vera_projections
 from mindformers_lora_ext import _boot
 
 _ADDITIVE = ((VeraConfig, VeraMath), (LohaConfig, LohaMath), (LokrConfig, LokrMath),
              (AdaLoraConfig, AdaLoraMath))
 GATES = ("lora_active", GATE)  # the frozen 0/1 merge gates: live-model state, not adapter tensors
-ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector") + GATES \
+TOKEN_ROWS = "trainable_tokens_delta"  # trainable embedding rows (tuners/trainable_tokens.py)
+ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", TOKEN_ROWS) + GATES \
     + tuple(name for _, math in _ADDITIVE for name in math.CELL_PARAMS + math.SHARED_PARAMS)
 
 
@@ -90,7 +93,11 @@ def merge_cell(cell: str, weight: np.ndarray, bias: Optional[np.ndarray],
     out_dim, in_dim = arrays["lora_B"].shape[0], arrays["lora_A"].shape[1]
     stacked = getattr(pet_config, "fused_cells", "shared") == "per_hf_module"  # k per-module adapters
     rank = arrays["lora_A"].shape[0]
-    if rank != spec.rank and not (stacked and rank % spec.rank == 0):
+    scaling = spec.scaling
+    if pet_config.init_lora_weights == "eva" and spec.rank < rank <= spec.allocated:
+        arrays, rank, alpha = eva_in_use(arrays, spec, pet_config)  # a run checkpoint: A, B zero-padded
+        scaling = lora_scaling(alpha, rank, spec.use_rslora) if rank else 0.0
+    elif rank != spec.rank and not (stacked and rank % spec.rank == 0):
         raise ValueError(f"{cell}.lora_A has rank {arrays['lora_A'].shape[0]} but the pet_config "
                          f"gives rank {spec.rank} for {cell}: wrong config for this adapter?")
     if weight.shape == (out_dim, in_dim):
@@ -101,13 +108,42 @@ def merge_cell(cell: str, weight: np.ndarray, bias: Optional[np.ndarray],
         raise ValueError(f"{cell}.weight has shape {weight.shape}; adapter expects ({out_dim}, "
                          f"{in_dim}) from lora_B {arrays['lora_B'].shape} and lora_A {arrays['lora_A'].shape}")
     w64 = weight.astype(np.float64)
-    folded = merged_weight(w64.T if transposed else w64, arrays, spec.scaling, pet_config.use_dora)
+    folded = merged_weight(w64.T if transposed else w64, arrays, scaling, pet_config.use_dora)
     new_weight = (folded.T if transposed else folded).astype(weight.dtype)
     if "lora_B_bias" not in arrays:
         return new_weight, None
     if bias is None:
         raise KeyError(f"{cell}.lora_B_bias needs a base bias {cell}.bias to merge into")
-    return new_weight, (bias.astype(np.float64) + spec.scaling * arrays["lora_B_bias"]).astype(bias.dtype)
+    return new_weight, (bias.astype(np.float64) + scaling * arrays["lora_B_bias"]).astype(bias.dtype)
+
+
+def eva_in_use(arrays, spec, pet_config):
+    """An EVA cell as a run checkpoint holds it (A, B allocated at round(r * rho) rows, the rows
+    past the rank k in use exactly zero, as they stay in training): (``arrays`` with A, B cut to
+    k, k, the lora_alpha EVA gave the cell)."""
+    rows = np.flatnonzero(np.any(np.asarray(arrays["lora_A"]) != 0, axis=1))
+    rank = int(rows[-1]) + 1 if rows.size else 0
+    arrays = dict(arrays, lora_A=arrays["lora_A"][:rank], lora_B=arrays["lora_B"][:, :rank])
+    adjust = pet_config.eva_config["adjust_scaling_factors"]
+    return arrays, rank, spec.alpha * rank / spec.rank if adjust and rank else spec.alpha
+
+
+def token_rows_merged(get: Callable[[str], Optional[np.ndarray]], tensors: Dict[str, np.ndarray],
+                      pet_config, source: str) -> Dict[str, np.ndarray]:
+    """Embedding tables with their trained rows written in (``trainable_token_indices``)."""
+    out = {}
+    for name, delta in tensors.items():
+        cell, _, attr = name.rpartition(".")
+        if attr != TOKEN_ROWS:
+            continue
+        ids = token_ids_of(pet_config.trainable_token_indices, cell)
+        table_name = next((f"{cell}.{a}" for a in TABLE_ATTRS if get(f"{cell}.{a}") is not None), None)
+        if table_name is None:
+            raise KeyError(f"{source} has no embedding table for {name} ({', '.join(TABLE_ATTRS)})")
+        if len(ids) != delta.shape[0]:
+            raise ValueError(f"{name} holds {delta.shape[0]} rows; trainable_token_indices gives {len(ids)} ids")
+        out[table_name] = merged_table(get(table_name), np.asarray(delta), ids)
+    return out
 
 
 def expert_weight_name(cell: str) -> Optional[str]:
@@ -186,9 +222,9 @@ def merged_values(get: Callable[[str], Optional[np.ndarray]], tensors: Dict[str,
     if math is not None:
         return _additive_merged_values(get, tensors, pet_config, math, source)
     cells = adapter_cells(tensors)
-    if not cells and not any(n.endswith(".lora_A") for n in tensors):
+    if not cells and not any(n.endswith((".lora_A", "." + TOKEN_ROWS)) for n in tensors):
         raise ValueError(f"{source}: no '<cell>.lora_A' tensor found; nothing to merge")
-    out = {}
+    out = token_rows_merged(get, tensors, pet_config, source)
     for cell in cells:
         weight = get(f"{cell}.weight")
         expert_weight = expert_weight_name(cell) if weight is None else None

@@ -35,10 +35,17 @@ def mf_module_name(hf_name: str) -> str:
     return _rename(hf_name, HF_TO_MF_LLAMA)
 
 
+TOKEN_ROWS = "trainable_tokens_delta"
+TOKEN_ADAPTER = "token_adapter"  # PEFT's module holding trainable token rows under an embedding
+
+
 def hf_parameter_name(mf_param: str) -> str:
     """``model.tok_embeddings.embedding_weight``-style names of whole cells kept by
-    ``modules_to_save``: the cell part renamed, the attribute kept except Llama's embedding."""
+    ``modules_to_save``: the cell part renamed, the attribute kept except Llama's embedding;
+    trainable token rows go under PEFT's ``token_adapter``."""
     cell, _, attr = mf_param.rpartition(".")
+    if attr == TOKEN_ROWS:
+        return f"{hf_module_name(cell)}.{TOKEN_ADAPTER}.{attr}"
     attr = "weight" if attr == "embedding_weight" else attr
     return f"{hf_module_name(cell)}.{attr}" if cell else attr
 
@@ -46,6 +53,8 @@ def hf_parameter_name(mf_param: str) -> str:
 def mf_parameter_name(hf_param: str) -> str:
     """Inverse of :func:`hf_parameter_name`."""
     cell, _, attr = hf_param.rpartition(".")
+    if attr == TOKEN_ROWS and cell.endswith("." + TOKEN_ADAPTER):
+        return f"{mf_module_name(cell[: -len(TOKEN_ADAPTER) - 1])}.{attr}"
     mf_cell = mf_module_name(cell)
     if mf_cell.endswith("tok_embeddings") and attr == "weight":
         attr = "embedding_weight"

@@ -14,7 +14,9 @@ VeRA ``.vera_lambda_b`` [out], ``.vera_lambda_d`` [r] and the model-level ``base
 [out, r], ``.hada_w1_b`` [r, in], ``.hada_w2_a``, ``.hada_w2_b``; LoKr ``.lokr_w1`` (or
 ``.lokr_w1_a``, ``.lokr_w1_b``), ``.lokr_w2`` (or ``.lokr_w2_a``, ``.lokr_w2_b``) -- PEFT's names,
 shapes and orientations, our parameter attributes carry the same names.
-``modules_to_save`` cells as ``base_model.model.<hf module>.<attr>`` (whole tensors).
+``modules_to_save`` cells as ``base_model.model.<hf module>.<attr>`` (whole tensors); trainable
+token rows as ``base_model.model.<hf embedding>.token_adapter.trainable_tokens_delta`` [n, h]
+(names through the HfMap's ``params``).
 Our parameters ``<cell>.lora_active`` / ``<cell>.adapter_active`` are run state, not saved.
 """
 import json
@@ -31,6 +33,7 @@ from mindformers_lora_ext.naming import (MF_TO_HF_LLAMA, hf_module_name, hf_para
                                          mf_module_name, mf_parameter_name)
 
 PEFT_PREFIX = "base_model.model."
+TOKEN_ADAPTER = ".token_adapter."  # PEFT's trainable token rows: <embedding>.token_adapter.trainable_tokens_delta
 # our attribute -> PEFT's key suffix
 _TO_PEFT = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias",
             "lora_magnitude_vector": "lora_magnitude_vector"}
@@ -147,8 +150,8 @@ def _common_fields(config, names: HfMap) -> dict:
     saved = config.modules_to_save
     saved_hf = None
     if saved:
-        saved_hf = sorted({hf.rpartition(".")[0] for hf in names.params.values()}) if names.params \
-            else [hf_module_name(n) for n in saved]
+        whole = [hf for hf in names.params.values() if TOKEN_ADAPTER not in hf]
+        saved_hf = sorted({hf.rpartition(".")[0] for hf in whole}) if whole else [hf_module_name(n) for n in saved]
     return {
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None,
@@ -281,10 +284,29 @@ def pet_config_from_peft(data: dict, names: HfMap = None) -> dict:
         "layers_to_transform": data.get("layers_to_transform"),
         "layers_pattern": data.get("layers_pattern"),
         "modules_to_save": [module(m) for m in data["modules_to_save"]] if data.get("modules_to_save") else None,
+        "trainable_token_indices": _token_indices_from_peft(data.get("trainable_token_indices"), names),
     }
+    init = pet["init_lora_weights"]
+    for name, method in (("eva_config", "eva"), ("corda_config", "corda"), ("lora_ga_config", "lora_ga")):
+        if init == method and data.get(name) is not None:
+            pet[name] = dict(data[name])
     if names is not None and any(cell.per_module for cell in names.cells.values()):
         pet["fused_cells"] = "per_hf_module"
     return {k: v for k, v in pet.items() if v is not None}
+
+
+def _token_indices_from_peft(value, names):
+    """PEFT's ``trainable_token_indices`` in our terms: a list stays (the input embedding); dict
+    keys (HF module names, matched by their end as PEFT does) become our embedding cells."""
+    if not isinstance(value, dict):
+        return value
+    cells = {hf[: -len(TOKEN_ADAPTER + "trainable_tokens_delta")]: mf.rpartition(".")[0]
+             for mf, hf in (names.params.items() if names is not None else ()) if TOKEN_ADAPTER in hf}
+    out = {}
+    for key, ids in value.items():
+        found = [cell for hf, cell in cells.items() if hf == key or hf.endswith("." + key)]
+        out[found[0] if len(found) == 1 else _mf_module(key)] = list(ids)
+    return out
 
 
 _WARNED = set()
@@ -329,7 +351,12 @@ def load_adapter(model, path: str) -> str:
         arrays = from_peft_tensors(tensors, model.config.pet_config, names)
     except HfMapError as exc:
         raise AdapterFileError(f"{directory}: {exc}") from exc
-    model.load_adapter_state_dict(arrays, source=os.path.abspath(directory))
+    file_config = None
+    if getattr(model.config.pet_config, "init_lora_weights", None) == "eva":  # ranks and alphas per cell
+        from mindformers_lora_ext.registry import pet_type_config_class  # pylint: disable=import-outside-toplevel
+        pet = pet_config_from_peft(config, names if names is not None else None)
+        file_config = pet_type_config_class(pet["pet_type"])(**{k: v for k, v in pet.items() if k != "pet_type"})
+    model.load_adapter_state_dict(arrays, source=os.path.abspath(directory), file_config=file_config)
     return directory
 
 

@@ -1,6 +1,6 @@
-"""PiSSA / OLoRA adapter -> plain LoRA adapter for the original (not residual) base model.
+"""PiSSA / OLoRA / CorDA / LoRA-GA adapter -> plain LoRA adapter for the original (not residual) base model.
 
-PiSSA and OLoRA start from A0, B0 taken out of W: training runs on the residual
+PiSSA, OLoRA, CorDA and LoRA-GA start from A0, B0 taken out of W: training runs on the residual
 W_res = W - s B0 A0, so their adapter only makes sense on W_res. Since
 W_res + s B A = W + s [B, -B0] [A; A0], the same network is W plus a plain LoRA of rank 2r whose
 A' = [A; A0] [2r, in] and B' = [B, -B0] [out, 2r], with the scaling s kept: alpha doubles
@@ -8,7 +8,7 @@ A' = [A; A0] [2r, in] and B' = [B, -B0] [out, 2r], with the scaling s kept: alph
 is the same matrix. This is what HF PEFT's ``path_initial_model_for_weight_conversion`` does.
 
 Works on adapter directories (PEFT layout): the trained one and the initial one that
-``AdapterCheckpoint`` writes to ``<output_dir>/initial`` at the start of a PiSSA/OLoRA run.
+``AdapterCheckpoint`` writes to ``<output_dir>/initial`` at the start of such a run.
 """
 import math
 import os
@@ -19,7 +19,8 @@ import numpy as np
 from mindformers_lora_ext.adapter_files import read_adapter_dir, resolve_adapter_dir, write_adapter_dir
 
 INITIAL_DIR = "initial"  # AdapterCheckpoint's copy of the adapter before the first step
-CONVERTIBLE_INITS = ("pissa", "olora")  # init_lora_weights values (pissa_niter_<N> included)
+# the init_lora_weights values that replace W by W - s B0 A0 (pissa_niter_<N> included)
+CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
 
 
 def is_convertible(init) -> bool:
@@ -31,8 +32,9 @@ def converted_config(config: dict) -> dict:
     """The adapter_config.json of the rank-2r plain LoRA equivalent of a PiSSA/OLoRA ``config``."""
     if config.get("peft_type") != "LORA" or not is_convertible(config.get("init_lora_weights")):
         raise ValueError(f"adapter_config.json peft_type = {config.get('peft_type')!r}, init_lora_weights = "
-                         f"{config.get('init_lora_weights')!r}: only a LoRA adapter initialised by PiSSA or "
-                         f"OLoRA (init_lora_weights pissa, pissa_niter_<N>, olora) needs converting")
+                         f"{config.get('init_lora_weights')!r}: only a LoRA adapter initialised from the base "
+                         f"weights (init_lora_weights pissa, pissa_niter_<N>, olora, corda, lora_ga) needs "
+                         f"converting")
     alpha_factor = math.sqrt(2.0) if config.get("use_rslora") else 2.0
     out = dict(config)
     out.update(r=2 * config["r"], lora_alpha=alpha_factor * config["lora_alpha"], init_lora_weights=True,
@@ -40,6 +42,8 @@ def converted_config(config: dict) -> dict:
                alpha_pattern={k: alpha_factor * v for k, v in (config.get("alpha_pattern") or {}).items()})
     if config.get("mindformers_pet_type") in CONVERTIBLE_INITS:  # presets that fix the init
         out["mindformers_pet_type"] = "lora_ext"
+    for key in ("corda_config", "lora_ga_config"):  # their init is done: a plain LoRA has none
+        out.pop(key, None)
     return out
 
 

@@ -110,7 +110,7 @@ MF_ONLY = ("fi_accu",)
 
 def _is_adapter_param(name):
     attr = name.rsplit(".", 1)[-1]
-    return attr.startswith(("lora_", "hada_", "lokr_", "vera_")) or attr in ("adapter_active",) + MF_ONLY
+    return attr.startswith(("lora_", "hada_", "lokr_", "vera_")) or attr in ("adapter_active", "trainable_tokens_delta") + MF_ONLY
 
 
 def build_pair(kind, seed=0) -> Pair:

@@ -16,7 +16,8 @@ def make(**kw):
 def test_defaults_and_adapter_globs():
     cfg = make()
     assert (cfg.pet_type, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == ("lora_ext", 8, 16.0, 0.0)
-    assert cfg.freeze_exclude == ["*.lora_A", "*.lora_B", "*.lora_B_bias", "*.lora_magnitude_vector"]
+    assert cfg.freeze_exclude == ["*.lora_A", "*.lora_B", "*.lora_B_bias", "*.lora_magnitude_vector",
+                                  "*.trainable_tokens_delta"]
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -141,3 +142,64 @@ def test_dora_fused_kernel_true_needs_dropout():
     with pytest.raises(PetConfigError, match="use_fused_kernel = true with use_dora needs lora_dropout > 0"):
         make(use_dora=True, use_fused_kernel=True)
     assert make(use_dora=True, use_fused_kernel=True, lora_dropout=0.1).use_fused_kernel is True
+
+
+def test_data_driven_inits_take_peft_subconfigs_with_defaults():
+    cfg = make(init_lora_weights="eva")
+    assert cfg.eva_config == {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100,
+                              "whiten": False, "adjust_scaling_factors": True}
+    assert cfg.corda_config is None and cfg.lora_ga_config is None
+    spec = cfg.module_options("model.layers.0.attention.wq")
+    assert (spec.rank, spec.allocated) == (8, 16)  # EVA may give up to round(r * rho)
+    assert make(init_lora_weights="eva", eva_config={"rho": 1.5}, lora_rank=3).module_options("x").allocated == 4
+    corda = make(init_lora_weights="corda", corda_config={"corda_method": "kpm"})
+    assert corda.corda_config["corda_method"] == "kpm" and corda.corda_config["cache_file"] is None
+    assert make(init_lora_weights="lora_ga").lora_ga_config == {"direction": "ArB2r", "scale": "stable",
+                                                                 "stable_gamma": 16}
+    assert make().module_options("x").allocated == 8
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"init_lora_weights": "eva", "eva_config": {"rho": 0.5}}, "eva_config.rho = 0.5: expected a number in [1"),
+    ({"init_lora_weights": "eva", "eva_config": {"tau": 1.5}}, "eva_config.tau = 1.5"),
+    ({"init_lora_weights": "eva", "eva_config": {"rhoo": 2}}, "eva_config.rhoo is not an option of eva_config. "
+                                                               "Did you mean 'rho'?"),
+    ({"init_lora_weights": "eva", "eva_config": [2]}, "eva_config = [2]: expected a mapping"),
+    ({"eva_config": {"rho": 2}}, "eva_config is given but init_lora_weights = True"),
+    ({"init_lora_weights": "corda", "corda_config": {"corda_method": "xpm"}},
+     "corda_config.corda_method = 'xpm': expected one of ['ipm', 'kpm']"),
+    ({"init_lora_weights": "corda", "corda_config": {"cache_file": ""}}, "expected a file path or null"),
+    ({"init_lora_weights": "lora_ga", "lora_ga_config": {"direction": "BA"}}, "lora_ga_config.direction = 'BA'"),
+    ({"init_lora_weights": "lora_ga", "lora_ga_config": {"stable_gamma": 0}}, "lora_ga_config.stable_gamma = 0"),
+    ({"init_lora_weights": "eva", "lora_bias": True}, "needs init_lora_weights true or false"),
+    ({"init_lora_weights": "corda", "fused_cells": "per_hf_module"}, "per_hf_module needs init_lora_weights"),
+    ({"init_lora_weights": "svd"}, "'eva', 'corda', 'lora_ga'"),
+])
+def test_data_driven_init_errors_name_key_and_value(kw, needle):
+    with pytest.raises(PetConfigError) as err:
+        make(**kw)
+    assert needle in str(err.value)
+
+
+def test_record_ranks_puts_exact_names_ahead_of_the_patterns():
+    cfg = make(init_lora_weights="eva", lora_rank=4, lora_alpha=8, rank_pattern={"wq": 2})
+    cfg.record_ranks({"model.layers.0.attention.wq": (3, 6.0), "model.layers.0.attention.wk": (4, 8),
+                      "model.layers.1.attention.wq": (2, 8)})
+    assert cfg.module_options("model.layers.0.attention.wq").rank == 3
+    assert cfg.module_options("model.layers.0.attention.wq").alpha == 6.0
+    assert cfg.module_options("model.layers.1.attention.wq").rank == 2  # the user's pattern already says 2
+    assert list(cfg.rank_pattern) == [r"model\.layers\.0\.attention\.wq", "wq"]
+
+
+@pytest.mark.parametrize("value,needle", [
+    ([3, 3], "token id(s) [3] repeated"),
+    ([-1], "expected a non-empty list of token ids"),
+    ({"tok_embeddings": []}, "trainable_token_indices['tok_embeddings'] = []"),
+    ("3", "expected a list of token ids or a mapping"),
+])
+def test_trainable_token_indices_errors(value, needle):
+    with pytest.raises(PetConfigError) as err:
+        make(trainable_token_indices=value)
+    assert needle in str(err.value)
+    with pytest.raises(PetConfigError, match="which modules_to_save trains whole"):
+        make(trainable_token_indices={"tok_embeddings": [3]}, modules_to_save=["tok_embeddings"])

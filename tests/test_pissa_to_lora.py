@@ -54,6 +54,7 @@ def test_converted_adapter_on_the_original_base_equals_the_trained_run(tiny_conf
     net.init_parameters_data()
     callback = AdapterCheckpoint(save_steps=1, output_dir=str(tmp_path / "adapters"))
     callback.on_train_begin(CallbackContext(net, 0))
+    callback.on_train_step_begin(CallbackContext(net, 1))  # writes initial/ (after any DataDrivenInit)
     rng = np.random.default_rng(1)
     for p in net.network.saved_parameters():  # "training"
         p.set_data(ms.Tensor(p.asnumpy() + 0.05 * rng.standard_normal(p.shape).astype(np.float32)))
@@ -91,7 +92,8 @@ def test_scaling_is_kept_and_bad_input_is_refused(tmp_path, capsys):
     rs = converted_config(dict(config, use_rslora=True, mindformers_pet_type="dora"))
     assert rs["lora_alpha"] / np.sqrt(rs["r"]) == pytest.approx(16 / np.sqrt(8))
     assert rs["mindformers_pet_type"] == "dora"
-    with pytest.raises(ValueError, match="init_lora_weights = True: only a LoRA adapter initialised by PiSSA"):
+    with pytest.raises(ValueError, match="init_lora_weights = True: only a LoRA adapter initialised from the base "
+                                         r"weights \(init_lora_weights pissa, pissa_niter_<N>, olora, corda, lora_ga\)"):
         converted_config(dict(config, init_lora_weights=True))
     os.makedirs(tmp_path / "run" / "step_1")
     (tmp_path / "run" / "step_1" / "adapter_config.json").write_text(json.dumps(config))

@@ -19,7 +19,7 @@ Q * lambda is elementwise and derived.
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from mindspore import Parameter, Tensor, nn
+from mindspore import Parameter, nn
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import Normal, Zero, initializer
 from mindspore.ops import functional as F

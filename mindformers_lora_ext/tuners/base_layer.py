@@ -48,6 +48,8 @@ class AdoptedLinear(nn.Cell):
     Subclasses implement ``delta(x2d, base_out)`` -> [N, out] in ``compute_dtype``, added
     before bias and activation (HF models apply activations outside Linear, so that is where
     PEFT adds it). While ``merged`` is set the delta is skipped: it lives in ``weight``.
+    ``input_statistics``: a cell called on x2d [N, in] before anything else during a statistics
+    pass (data_init.statistics), None otherwise.
 
     Dense/Linear: ``construct(x) -> y``. mcore: ``construct(x, weight=None) -> (y, bias)``, the
     base's contract: ``bias`` is None when the base added it, else its raw bias Parameter.
@@ -117,6 +119,7 @@ class AdoptedLinear(nn.Cell):
         self.merged = False
         # True when a subclass computes base + delta in one fused op (fused_forward).
         self.fused = False
+        self.input_statistics = None
         self.cast = P.Cast()
         self.transpose = P.Transpose()
         self.reshape = P.Reshape()
@@ -128,6 +131,8 @@ class AdoptedLinear(nn.Cell):
         out_shape = self.shape(x)[:-1] + (self.out_channels,)
         ori_dtype = x.dtype
         x2d = self.cast(self.reshape(x, (-1, self.in_channels)), self.compute_dtype)
+        if self.input_statistics is not None:
+            x2d = self.input_statistics(x2d)
         if self.fused and not self.merged:
             y = self.fused_forward(x2d)
         else:
@@ -142,6 +147,8 @@ class AdoptedLinear(nn.Cell):
 
     def _parallel_forward(self, x, weight):
         """mcore: (base(x) + delta, bias); y has x's dtype, x any [..., in]."""
+        if self.input_statistics is not None:
+            x = self.reshape(self.input_statistics(self.reshape(x, (-1, self.in_channels))), self.shape(x))
         y, bias = self.base_layer(x) if weight is None else self.base_layer(x, weight)
         if self.merged:
             return y, bias

@@ -9,13 +9,18 @@ and into a checkpoint file is the same code.
 Parameters are named ``<cell>.lora_A``, ``.lora_B``, ``.lora_B_bias``, ``.lora_magnitude_vector``
 (trainable) and ``<cell>.lora_active`` (frozen 0/1 gate that merge() clears).
 
+EVA (data_init/eva.py) may give a cell a rank k other than its configured r, up to
+round(r * rho): A and B are allocated with that many rows (``LoraSpec.rows``), the rows past k
+(``effective_rank``) are zero and stay zero in training (their gradients are exactly zero), and
+adapter files hold the first k only (zero-padded when read back).
+
 A cell fusing k HF modules (mcore ``linear_qkv``, ``linear_fc1``) with ``fused_cells:
 per_hf_module`` holds k adapters of rank r stacked: A [k*r, in], B [out, k*r] used as B * M, M
 the 0/1 block mask of each module's rows and columns (hf_map.HfMap.block_mask). B starts at
 zero and its masked-out entries get zero gradient, so they stay zero and every formula above
 (merge included) holds with the stored B.
 """
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn
@@ -24,7 +29,7 @@ from mindspore.common.initializer import initializer
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
-from mindformers_lora_ext.config import LoraSpec
+from mindformers_lora_ext.config import DATA_DRIVEN_INITS, KEY_PREFIX, LoraSpec, lora_scaling
 from mindformers_lora_ext.tuners.base_layer import AdoptedLinear, to_mstype, to_numpy
 from mindformers_lora_ext.tuners.lora_init import FromBase, lora_initializers
 from mindformers_lora_ext.tuners.model import AdapterModel
@@ -141,8 +146,11 @@ class LoraLinear(AdoptedLinear):
     def __init__(self, base, spec: LoraSpec, param_init_type=None, compute_dtype=None, block_mask=None):
         super().__init__(base, compute_dtype)
         param_dtype = to_mstype(param_init_type) or self.weight.dtype
-        rank = spec.rank if block_mask is None else block_mask.shape[1]
-        self.rank = rank
+        rank = min(spec.allocated, self.in_channels) if block_mask is None else block_mask.shape[1]
+        self.rank = rank  # rows of A, columns of B
+        self.configured_rank, self.configured_alpha, self.use_rslora = spec.rank, spec.alpha, spec.use_rslora
+        # the rows in use: all, unless allocated beyond the rank for EVA (which sets it later)
+        self.effective_rank = min(spec.rank, rank) if block_mask is None and spec.allocated > spec.rank else rank
         self.scaling = spec.scaling
         # per-module adapters in a fused cell (see the module docstring); None: one adapter
         self.block_mask = None if block_mask is None else Tensor(block_mask, self.compute_dtype)
@@ -245,6 +253,56 @@ class LoraLinear(AdoptedLinear):
         self.lora_active.set_data(Tensor(1.0, mstype.float32))
         self.merged = False
 
+    def apply_data_init(self, lora_a: np.ndarray, lora_b: np.ndarray, alpha=None, residual=False):
+        """Set A [k, in] and B [out, k] (float64; zero-padded to the allocated rank) from a
+        data-driven init; ``alpha``: the cell's new lora_alpha (k then sets the scaling, EVA);
+        ``residual``: the base weight becomes W - s B A. A cell given k = 0 is switched off."""
+        rank = lora_a.shape[0]
+        if rank > self.rank or lora_b.shape != (self.out_channels, rank):
+            raise ValueError(f"{self.weight.name}: data-driven A {lora_a.shape} / B {lora_b.shape} do not fit "
+                             f"[<= {self.rank}, {self.in_channels}] / [{self.out_channels}, <= {self.rank}]")
+        if alpha is not None:
+            self.set_rank(rank, alpha)
+        for param, value in ((self.lora_A, self.padded("lora_A", lora_a)), (self.lora_B, self.padded("lora_B", lora_b))):
+            param.set_data(Tensor(value.astype(np.float32), param.dtype))
+        if residual:
+            self.subtract_from_base()
+
+    def subtract_from_base(self):
+        """W <- W - s B A with the adapter as it is (in its own dtype): the residual base weight
+        of a run that starts at this adapter."""
+        arrays = self.adapter_arrays()
+        self.set_weight_array(self.weight_array() - self.scaling * (arrays["lora_B"] @ arrays["lora_A"]))
+
+    def set_rank(self, rank: int, alpha: float):
+        """Use the first ``rank`` rows (<= the allocated rank) with scaling from ``alpha``; rank 0
+        switches the cell off. Call before the graphs that use it compile (the scaling is a
+        constant of theirs)."""
+        if self.merged or rank > self.rank:
+            raise ValueError(f"{self.weight.name}: cannot use rank {rank} (allocated {self.rank}, merged {self.merged})")
+        self.effective_rank = rank
+        if rank:
+            self.scaling = lora_scaling(alpha, rank, self.use_rslora)
+        self.lora_active.set_data(Tensor(1.0 if rank else 0.0, mstype.float32))
+
+    def file_array(self, attr: str, array: np.ndarray) -> np.ndarray:
+        """``array`` of parameter ``attr`` as adapter files hold it: A, B cut to the rank in use."""
+        if self.effective_rank == self.rank:
+            return array
+        if attr == "lora_A":
+            return array[: self.effective_rank]
+        if attr == "lora_B":
+            return array[:, : self.effective_rank]
+        return array
+
+    def padded(self, attr: str, array: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`file_array`: A, B zero-padded to the allocated rank."""
+        if attr == "lora_A" and array.shape[0] < self.rank:
+            return np.concatenate([array, np.zeros((self.rank - array.shape[0], array.shape[1]), array.dtype)])
+        if attr == "lora_B" and array.shape[1] < self.rank:
+            return np.concatenate([array, np.zeros((array.shape[0], self.rank - array.shape[1]), array.dtype)], 1)
+        return array
+
     def _shift_bias(self, arrays, sign):
         if not self.use_lora_bias:
             return
@@ -303,6 +361,39 @@ class LoraExtModel(AdapterModel):
         self._block_masks = {name: names.block_mask(name, config.module_options(name).rank)
                              for name in outputs if names.cell(name).per_module}
 
+    def data_init_layers(self) -> Dict[str, LoraLinear]:
+        """The adapter layers a data-driven init sets, by checkpoint prefix."""
+        return dict(self._adapter_layers)
+
+    def has_adapter_values(self) -> bool:
+        """Whether any A holds a non-zero value (a data-driven init's placeholders are 0)."""
+        return any(np.any(to_numpy(layer.lora_A) != 0) for layer in self._adapter_layers.values())
+
+    def subtract_adapters(self) -> None:
+        """Every adapter taken out of its base weight (W - s B A): the residual base of a run
+        that started at the adapters now held (AdapterCheckpoint's resume of CorDA / LoRA-GA)."""
+        for layer in self._adapter_layers.values():
+            layer.subtract_from_base()
+
+    def adopt_file_ranks(self, arrays, file_config):
+        """EVA: each cell's rank in use from the file (A's rows; a cell left out: 0) and its
+        lora_alpha from ``file_config`` (the file's pet config; else ours), all checked first."""
+        config = self.config.pet_config
+        if config.init_lora_weights != "eva":
+            return
+        ranks = {}
+        for name, layer in self._adapter_layers.items():
+            found = arrays.get(f"{name}.lora_A")
+            rank = 0 if found is None else int(found.shape[0])
+            if rank > layer.rank:
+                raise ValueError(f"adapter tensor {name}.lora_A has rank {rank}; this model holds at most "
+                                 f"{layer.rank} (eva_config.rho x the configured rank)")
+            ranks[name] = (rank, (file_config or config).module_options(name).alpha)
+        for name, (rank, alpha) in ranks.items():
+            self._adapter_layers[name].set_rank(rank, alpha)
+        config.record_ranks(ranks)
+        self.ranks_changed()
+
     def make_layer(self, name, base_cell):
         config = self.config.pet_config
         return LoraLinear(base_cell, config.module_options(name), config.param_init_type, config.compute_dtype,
@@ -311,6 +402,10 @@ class LoraExtModel(AdapterModel):
     def make_expert_layer(self, name, base_cell, projections):
         from mindformers_lora_ext.tuners.experts import ExpertLoraLayer  # pylint: disable=import-outside-toplevel
         config = self.config.pet_config
+        if config.init_lora_weights in DATA_DRIVEN_INITS:
+            raise ValueError(f"{KEY_PREFIX}.init_lora_weights = {config.init_lora_weights!r} cannot initialise "
+                             f"MoE routed experts ({name}: {', '.join(projections)}): each expert sees its own "
+                             f"tokens. Leave them out with exclude_layers: [experts]")
         return ExpertLoraLayer(base_cell, {proj: config.module_options(f"{name}.{proj}") for proj in projections},
                                config.param_init_type, config.compute_dtype, name)
 

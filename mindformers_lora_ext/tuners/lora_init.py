@@ -7,10 +7,12 @@
   randomized SVD with N subspace iterations): B = U_r sqrt(S_r/s), A = sqrt(S_r/s) V_r^T.
 - ``"olora"``: W = QR; B = Q[:, :r], A = R[:r].
 
-The data-driven schemes also replace the base weight by the residual W - s B A, so the adapted
+PiSSA and OLoRA also replace the base weight by the residual W - s B A, so the adapted
 cell's initial output equals the base output; they read W when MindSpore materialises A and B
 (see FromBase), so they see a checkpoint the trainer loads after wrapping. Random schemes
-follow MindSpore's seed.
+follow MindSpore's seed. ``eva``, ``corda`` and ``lora_ga`` start with A = B = 0 (placeholders:
+the adapter acts as none) until the DataDrivenInit callback sets them from the training data
+(data_init/).
 """
 import math
 from typing import Callable, Optional, Tuple
@@ -18,7 +20,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 from mindspore.common.initializer import HeUniform, Initializer, Normal, Zero
 
-from mindformers_lora_ext.config import pissa_niter
+from mindformers_lora_ext.config import DATA_DRIVEN_INITS, pissa_niter
 from mindformers_lora_ext import _boot
 
 
@@ -62,6 +64,8 @@ def lora_initializers(init, layer, rank: int, scaling: float) -> Tuple[Initializ
         return HeUniform(negative_slope=math.sqrt(5)), HeUniform(negative_slope=math.sqrt(5))
     if init == "gaussian":
         return Normal(sigma=1.0 / rank), Zero()
+    if init in DATA_DRIVEN_INITS:
+        return Zero(), Zero()
     if rank > min(layer.in_channels, layer.out_channels):
         raise ValueError(f"init_lora_weights={init!r} needs rank <= min(out, in) = "
                          f"{min(layer.in_channels, layer.out_channels)}, got rank {rank}")
@@ -73,18 +77,19 @@ def _factorize(init, weight, rank, scaling):
     if init == "olora":
         q, r = np.linalg.qr(weight)
         return r[:rank], q[:, :rank]
-    u, s, vt = _top_singular_triplets(weight, rank, pissa_niter(init))
+    u, s, vt = top_singular_triplets(weight, rank, pissa_niter(init))
     root = np.sqrt(s / scaling)
     return root[:, None] * vt, u * root
 
 
-def _top_singular_triplets(weight, rank, niter):
+def top_singular_triplets(weight, rank, niter, seed=0):
     """(U_r [out, r], S_r [r], V_r^T [r, in]): exact SVD if ``niter`` is None, else a
-    randomized range finder with ``niter`` subspace iterations (fixed seed: reproducible)."""
+    randomized range finder of ``rank`` columns with ``niter`` subspace iterations (fixed
+    ``seed``: reproducible)."""
     if niter is None:
         u, s, vt = np.linalg.svd(weight, full_matrices=False)
         return u[:, :rank], s[:rank], vt[:rank]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(weight @ rng.standard_normal((weight.shape[1], rank)))
     for _ in range(niter):
         basis, _ = np.linalg.qr(weight.T @ basis)

@@ -2,7 +2,9 @@
 
 It injects adapter cells into the base model, runs the base model, forwards MindFormers'
 generation/conversion hooks to it, owns the exact trainable set, and writes the PEFT-style
-``adapter_config.json`` that ``PetModel`` asks for.
+``adapter_config.json`` that ``PetModel`` asks for. A data-driven ``init_lora_weights`` (eva, corda,
+lora_ga) is pending from the build until the DataDrivenInit callback (or a loaded adapter)
+settles it; compiling a training graph while it is pending is an error naming the callback.
 """
 from fnmatch import fnmatch
 from typing import Dict, List
@@ -12,9 +14,10 @@ from mindspore import Tensor
 from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.logger import logger
 
-from mindformers_lora_ext.config import KEY_PREFIX
+from mindformers_lora_ext.config import DATA_DRIVEN_INITS, KEY_PREFIX
 from mindformers_lora_ext.tuners.base_layer import param_array
 from mindformers_lora_ext.tuners.targeting import checkpoint_prefix, find_cells, find_targets, replace_cells
+from mindformers_lora_ext.tuners.trainable_tokens import TrainableTokens, check_not_tied, resolve_targets, table_of
 from mindformers_lora_ext import _boot
 
 # PetModel forwards these to its network (us); we forward them to the base model.
@@ -42,6 +45,12 @@ class AdapterModel(PreTrainedModel):
             if any(t == name or t.startswith(name + ".") or name.startswith(t + ".") for t in targets):
                 raise ValueError(f"{KEY_PREFIX}.modules_to_save cell {name!r} overlaps an adapter "
                                  f"target; a cell is either adapted or fully trained")
+        tokens = getattr(config, "trainable_token_indices", None)
+        token_targets = resolve_targets(base_model, tokens) if tokens else {}
+        for name in token_targets:
+            if name in saved or any(t == name or t.startswith(name + ".") for t in targets):
+                raise ValueError(f"{KEY_PREFIX}.trainable_token_indices names {name!r}, which is also "
+                                 f"adapted or in modules_to_save; a cell is trained one way")
         cells = dict(base_model.cells_and_names())
         order = list(targets)
         experts: Dict[str, List[str]] = {}  # routed-experts cell -> its targeted projections
@@ -61,9 +70,23 @@ class AdapterModel(PreTrainedModel):
         self._adapter_layers: Dict[str, object] = {names[path]: layers[path] for path in order if path in layers}
         for name, layer in self._adapter_layers.items():
             layer.name_parameters(name)
+        self._token_layers: Dict[str, TrainableTokens] = {}  # trainable embedding rows, by table prefix
+        for path, layer in replace_cells(base_model, list(token_targets),
+                                         lambda path, cell: _token_layer(base_model, path, cell, token_targets[path])).items():
+            prefix = layer.table.name.rpartition(".")[0] or path
+            layer.name_parameters(prefix)
+            self._token_layers[prefix] = layer
         self._modules_to_save: Dict[str, object] = saved
         self._hf_map = None
         self.network = base_model
+        init = getattr(config, "init_lora_weights", None)
+        # the data-driven init not yet run (a compile-time constant of the training graph)
+        self.data_init_pending = init if init in DATA_DRIVEN_INITS else None
+        self.collecting_statistics = False  # a statistics pass is compiling / running
+        self._pending_message = (
+            f"{KEY_PREFIX}.init_lora_weights = {init!r} initialises the adapters from the training data, "
+            f"which has not happened: add the callback to the YAML (callbacks: - type: DataDrivenInit), or "
+            f"load a trained adapter ({KEY_PREFIX}.adapter_path)")
         if config.adapter_path:
             from mindformers_lora_ext.peft_format import load_adapter  # pylint: disable=import-outside-toplevel
             loaded = load_adapter(self, config.adapter_path)
@@ -73,6 +96,15 @@ class AdapterModel(PreTrainedModel):
         """Called once with the target cell names before any is replaced (VeRA sizes its shared
         projections here); nothing by default."""
 
+    def finish_data_init(self) -> None:
+        """The data-driven init is settled (computed, or loaded): training may compile."""
+        self.data_init_pending = None
+
+    def ranks_changed(self) -> None:
+        """Cells changed their rank in use (EVA; a cell at rank 0 has no HF module): the HF map
+        is rebuilt on next use."""
+        self._hf_map = None
+
     LAYER = None  # the adapter cell class: LAYER(base_cell, spec, param_init_type, compute_dtype)
 
     def hf_map(self):
@@ -81,9 +113,14 @@ class AdapterModel(PreTrainedModel):
         cell that has no HF name."""
         if self._hf_map is None:
             from mindformers_lora_ext import hf_map  # pylint: disable=import-outside-toplevel
-            outputs = {name: layer_outputs(layer) for name, layer in self._adapter_layers.items()}
+            outputs = {name: layer_outputs(layer) for name, layer in self._adapter_layers.items()
+                       if getattr(layer, "effective_rank", 1)}  # EVA's rank-0 cells: no adapter
             params = [p.name for cell in self._modules_to_save.values() for p in cell.get_parameters()]
-            names = hf_map.for_network(self.network, outputs, params)
+            tables = {layer.table.name: prefix for prefix, layer in self._token_layers.items()}
+            names = hf_map.for_network(self.network, outputs, params + list(tables))
+            for table, prefix in tables.items():  # PEFT keeps the rows under <embedding>.token_adapter
+                module = (names.params.pop(table, None) or names.hf_parameter(table)).rpartition(".")[0]
+                names.params[f"{prefix}.trainable_tokens_delta"] = f"{module}.token_adapter.trainable_tokens_delta"
             per_module = [n for n, layer in self._adapter_layers.items() if getattr(layer, "block_mask", None) is not None]
             self._hf_map = names.with_per_module(per_module) if per_module else names
         return self._hf_map
@@ -135,13 +172,14 @@ class AdapterModel(PreTrainedModel):
                     len(layers))
 
     def merge(self):
-        """Fold every adapter into its base weight (forward of a compiled graph is unchanged)."""
-        for layer in self._adapter_layers.values():
+        """Fold every adapter into its base weight, and trained token rows into their table
+        (forward of a compiled graph is unchanged)."""
+        for layer in list(self._adapter_layers.values()) + list(self._token_layers.values()):
             layer.merge()
 
     def unmerge(self):
-        """Undo :meth:`merge` (to float rounding)."""
-        for layer in self._adapter_layers.values():
+        """Undo :meth:`merge` (to float rounding; token rows exactly)."""
+        for layer in list(self._adapter_layers.values()) + list(self._token_layers.values()):
             layer.unmerge()
 
     @property
@@ -158,7 +196,8 @@ class AdapterModel(PreTrainedModel):
         """The trained parameters: adapter parameters, then those of ``modules_to_save`` (an adapter
         checkpoint holds these, plus :meth:`frozen_saved_parameters`)."""
         extra = [p for cell in self._modules_to_save.values() for p in cell.get_parameters()]
-        return self.adapter_parameters() + extra
+        tokens = [p for layer in self._token_layers.values() for p in layer.adapter_parameters()]
+        return self.adapter_parameters() + tokens + extra
 
     def frozen_saved_parameters(self) -> list:
         """Frozen tensors that adapter files also hold (VeRA's projections with
@@ -169,14 +208,38 @@ class AdapterModel(PreTrainedModel):
         """What an adapter file holds: ``saved_parameters()`` + ``frozen_saved_parameters()``."""
         return self.saved_parameters() + self.frozen_saved_parameters()
 
-    def adapter_state_dict(self) -> Dict[str, np.ndarray]:
-        """Saved parameter name -> array in the parameter's own dtype (bfloat16 included)."""
-        return {p.name: param_array(p) for p in self.file_parameters()}
+    def _layer_of(self) -> Dict[int, tuple]:
+        """id(adapter parameter) -> (its layer, attribute name), for layers that cut what files hold."""
+        return {id(p): (layer, p.name.rsplit(".", 1)[-1]) for layer in self._adapter_layers.values()
+                if hasattr(layer, "file_array") for p in layer.adapter_parameters()}
 
-    def load_adapter_state_dict(self, arrays: Dict[str, np.ndarray], source: str = "adapter"):
+    def _switched_off(self) -> set:
+        """ids of the parameters of cells an EVA init gave rank 0 (files leave them out, as PEFT)."""
+        return {id(p) for layer in self._adapter_layers.values() if getattr(layer, "effective_rank", 1) == 0
+                for p in layer.adapter_parameters()}
+
+    def adapter_state_dict(self) -> Dict[str, np.ndarray]:
+        """Saved parameter name -> array in the parameter's own dtype (bfloat16 included), as
+        adapter files hold it (A, B at the rank in use)."""
+        owners, off = self._layer_of(), self._switched_off()
+        out = {}
+        for param in self.file_parameters():
+            if id(param) in off:
+                continue
+            value = param_array(param)
+            if id(param) in owners:
+                layer, attr = owners[id(param)]
+                value = layer.file_array(attr, value)
+            out[param.name] = value
+        return out
+
+    def load_adapter_state_dict(self, arrays: Dict[str, np.ndarray], source: str = "adapter", file_config=None):
         """Set every saved parameter from ``arrays``; a missing, unexpected or mis-shaped
-        tensor is an error naming it, raised before anything is changed."""
-        params = {p.name: p for p in self.file_parameters()}
+        tensor is an error naming it, raised before anything is changed (but the ranks of
+        :meth:`adopt_file_ranks`); ``file_config``: the file's pet config, if known."""
+        self.adopt_file_ranks(arrays, file_config)
+        owners, off = self._layer_of(), self._switched_off()
+        params = {p.name: p for p in self.file_parameters() if id(p) not in off}
         missing = sorted(set(params) - set(arrays))
         unexpected = sorted(set(arrays) - set(params))
         if missing or unexpected:
@@ -184,11 +247,24 @@ class AdapterModel(PreTrainedModel):
                              f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                              f"{' ...' if len(unexpected) > 5 else ''}")
         for name, param in params.items():
-            if tuple(arrays[name].shape) != tuple(param.shape):
+            shape = tuple(param.shape)
+            if id(param) in owners:
+                layer, attr = owners[id(param)]
+                shape = layer.file_array(attr, np.zeros(shape, np.float32)).shape
+            if tuple(arrays[name].shape) != shape:
                 raise ValueError(f"{source}: tensor {name} has shape {tuple(arrays[name].shape)}, "
-                                 f"the model's parameter has {tuple(param.shape)}")
+                                 f"the model's parameter has {shape}")
         for name, param in params.items():
-            param.set_data(Tensor(np.asarray(arrays[name]), param.dtype))
+            value = np.asarray(arrays[name])
+            if id(param) in owners:
+                layer, attr = owners[id(param)]
+                value = layer.padded(attr, value)
+            param.set_data(Tensor(value, param.dtype))
+        self.finish_data_init()
+
+    def adopt_file_ranks(self, arrays: Dict[str, np.ndarray], file_config) -> None:
+        """Before a load: take the ranks in use from the file's ``arrays`` where the model's
+        cells allow several (EVA); nothing by default."""
 
     def apply_trainable_mask(self):
         """Exactly the saved parameters trainable, then the user's freeze globs on top.
@@ -221,7 +297,14 @@ class AdapterModel(PreTrainedModel):
             logger.warning("mindformers-lora-ext: no %s written: %s", save_path, exc)
 
     def construct(self, *inputs, **kwargs):
+        if self.training and self.data_init_pending is not None and not self.collecting_statistics:
+            raise ValueError(self._pending_message)
         return self.network(*inputs, **kwargs)
+
+
+def _token_layer(network, path, cell, ids):
+    check_not_tied(network, table_of(cell), path)
+    return TrainableTokens(cell, ids)
 
 
 def layer_outputs(layer) -> tuple:
