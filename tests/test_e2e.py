@@ -13,10 +13,15 @@ from conftest import ROOT, RUN_MINDFORMER, TINY_CONFIG, run_fresh
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-def _write_config(tmp_path, base=TINY_CONFIG, **pet_overrides):
-    """A run YAML on top of ``base`` (MindFormers merges base_config) adding TrainingSummary."""
+def _write_config(tmp_path, base=TINY_CONFIG, calibration=None, **pet_overrides):
+    """A run YAML on top of ``base`` (MindFormers merges base_config) adding TrainingSummary
+    (and keeping the tiny config's DataDrivenInit, reading ``calibration`` if given: the callback
+    list is replaced, not merged)."""
+    data_init = []
+    if os.path.basename(base)[:-5] in DATA_DRIVEN:
+        data_init = [dict({"type": "DataDrivenInit", "batches": 4}, **({"dataset_dir": calibration} if calibration else {}))]
     cfg = {"base_config": [os.path.abspath(base)],
-           "callbacks": [{"type": "MFLossMonitor"},
+           "callbacks": [{"type": "MFLossMonitor"}, *data_init,
                          {"type": "TrainingSummary", "check_frozen": True,
                           "summary_file": str(tmp_path / "summary.json")}]}
     if pet_overrides:
@@ -39,8 +44,11 @@ def dataset(tmp_path_factory):
     return write_tiny_dataset(str(path), num_rows=64, seq_length=32, vocab_size=128)
 
 
+DATA_DRIVEN = ("eva", "corda", "lora_ga")
+# eva's tiny config runs through the stock main in test_msrun.py (2 workers)
 TINY = {name: os.path.join(ROOT, "configs", "tiny", f"{name}.yaml")
-        for name in ("lora_ext", "dora", "rslora", "pissa", "olora", "loraplus", "vera", "loha", "lokr")}
+        for name in ("lora_ext", "dora", "rslora", "pissa", "olora", "loraplus", "vera", "loha", "lokr", "corda",
+                     "lora_ga")}
 LORA_PARAMS = 2 * 4 * 2 * 8 * 64  # layers x targets x (A + B) x rank x hidden
 DORA_PARAMS = 2 * 4 * 64          # one magnitude per output feature
 # per type: (trainable attributes of each target cell, trainable element count)
@@ -54,7 +62,8 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_config_finetunes_through_stock_main(tmp_path, dataset, name):
-    proc, log = _train(tmp_path, _write_config(tmp_path, TINY[name]), dataset)
+    calibration = dataset if name == "lora_ga" else None  # a calibration MindRecord (here: the same rows)
+    proc, log = _train(tmp_path, _write_config(tmp_path, TINY[name], calibration), dataset)
     assert proc.returncode == 0, log[-4000:]
     printed = [float(m) for m in re.findall(r"loss:\[\s*([0-9.eE+-]+)/", log)]
     assert len(printed) == 32 and all(math.isfinite(v) for v in printed)  # MindFormers' loss lines
@@ -66,6 +75,11 @@ def test_tiny_config_finetunes_through_stock_main(tmp_path, dataset, name):
     kinds, count = EXPECTED.get(name, ("lora_A|lora_B", LORA_PARAMS))
     assert adapters and all(re.fullmatch(rf"model\.layers\.\d\.attention\.w[qkvo]\.({kinds})", n)
                             for n in adapters)
+    if name in DATA_DRIVEN:  # the statistics pass ran before the first step, and its cost was reported
+        source = calibration or "the training dataset"
+        assert f"DataDrivenInit: {name} from up to 4 batches of {source}" in log
+        assert re.search(rf"DataDrivenInit: {name}: 4 batches x 1 rank\(s\) in [0-9.]+ s", log), log[-3000:]
+        assert re.search(r"pass took [0-9.]+ s = [0-9.]+ training steps", log)
     assert sorted(summary["changed_trainable"]) == adapters  # every adapter moved ...
     assert summary["changed_frozen"] == []                    # ... and nothing else did (VeRA's
     assert summary["trainable_params"] == count               # vera_A / vera_B included)

@@ -28,11 +28,14 @@ def dataset(tmp_path_factory):
     return write_tiny_dataset(str(path), num_rows=64, seq_length=32, vocab_size=128)
 
 
-@pytest.mark.parametrize("name", ["lora_ext", "dora", "adalora"])
+@pytest.mark.parametrize("name", ["lora_ext", "dora", "adalora", "eva"])
 def test_two_worker_data_parallel(tmp_path, dataset, name):
     """adalora: the rank allocator on each worker reads the all-reduced gradient taps, so both
-    prune the same triplets (else the checksums below would differ)."""
+    prune the same triplets (else the checksums below would differ). eva: each worker reads its
+    own shard in the statistics pass, the statistics are all-reduced, so both start from the same
+    adapter (else, again, the checksums would differ)."""
     allocator = [{"type": "AdaLoraRankAllocator"}] if name == "adalora" else []
+    allocator += [{"type": "DataDrivenInit", "batches": 4}] if name == "eva" else []
     cfg = {"base_config": [os.path.join(ROOT, "configs", "tiny", f"{name}.yaml")],
            "use_parallel": True,
            "parallel": {"parallel_mode": 0, "gradients_mean": True},
@@ -66,6 +69,10 @@ def test_two_worker_data_parallel(tmp_path, dataset, name):
     # only rank 0 writes adapter files
     assert re.search(r"saved adapter .*step_16", worker[0]) and "saved adapter" not in worker[1]
     assert sorted(os.listdir(tmp_path / "adapters")) == ["latest", "step_16", "step_8"]
+    if name == "eva":  # both ranks read 4 batches; rank 0 reports for both
+        assert re.search(r"DataDrivenInit: eva: 4 batches x 2 rank\(s\)", worker[0])
+        saved = json.loads((tmp_path / "adapters" / "step_16" / "adapter_config.json").read_text())
+        assert saved["init_lora_weights"] == "eva" and saved["rank_pattern"]
     if name == "adalora":  # ranks did shrink (init_r 8 x 8 cells = 64 triplets at the start)
         saved = json.loads((tmp_path / "adapters" / "step_16" / "adapter_config.json").read_text())
         assert 32 <= sum(sum(mask) for mask in saved["rank_pattern"].values()) < 64
