@@ -29,14 +29,12 @@ import tempfile
 import time
 
 from _rounds import run_fresh  # pylint: disable=import-error
+from step_time import SIZES as STEP_TIME_SIZES  # pylint: disable=import-error
 
 MARK = "DATA_INIT_RESULT "
 TARGETS = ".*wq|.*wk|.*wv|.*wo"
 INITS = ("kaiming", "pissa", "eva", "corda", "lora_ga")
-SIZES = {  # tiny = configs/tiny/lora_ext.yaml's dims; vocab 128 in both
-    "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "seq_length": 32, "batch_size": 2},
-    "small": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "seq_length": 256, "batch_size": 2},
-}
+SIZES = {name: STEP_TIME_SIZES[name] for name in ("tiny", "small")}  # step_time.py's dims (vocab 128)
 DEFAULT_STEPS = {"tiny": 64, "small": 32}
 
 

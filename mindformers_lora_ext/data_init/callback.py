@@ -107,7 +107,8 @@ class DataDrivenInit(Callback):
         self._step_start = time.perf_counter()
 
     def on_train_step_end(self, run_context):
-        if self.report is None or not self.report_steps or self._step_start is None:
+        if self.report is None or not self.report_steps or self._step_start is None \
+                or len(self._step_times) > self.report_steps:
             return
         self._step_times.append(time.perf_counter() - self._step_start)
         if len(self._step_times) == self.report_steps + 1:  # the first step compiles: left out
