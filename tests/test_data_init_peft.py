@@ -98,10 +98,11 @@ def test_lora_ga_equals_peft(direction, scale):
     np.testing.assert_allclose(weight - SCALING * ours_b @ ours_a, peft_w, atol=atol)
 
 
-def test_eva_on_the_llama_twin_equals_peft():
+def test_eva_on_the_llama_twin_equals_peft(tmp_path):
     """Our EVA (exact PCA of the masked activations of the MindFormers network, in graph mode) and
     PEFT's (incremental PCA on the HF twin until converged) give the same ranks; the components
-    agree to |cos| >= 0.9 (PEFT's PCA is approximate), the leading one to 0.99."""
+    agree to |cos| >= 0.9 (PEFT's PCA is approximate), the leading one to 0.99. PEFT's EVA adapter
+    directory (its ranks in rank_pattern) loads here with PEFT's logits."""
     import copy  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     import hf_twins  # pylint: disable=import-outside-toplevel
@@ -128,3 +129,19 @@ def test_eva_on_the_llama_twin_equals_peft():
         assert len(components) == report.ranks[name], name  # the same redistribution
         cosine = np.abs(np.sum(layer.lora_A.asnumpy()[: len(components)] * components, axis=1))
         assert np.all(cosine >= 0.9) and cosine[0] >= 0.99, (name, cosine)
+
+    # and an EVA adapter PEFT made (and "trained") loads here with PEFT's logits
+    peft_eva.initialize_lora_eva_weights(model, eva_state_dict=theirs)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn_like(param))
+    directory = str(tmp_path / "peft_eva")
+    model.save_pretrained(directory)
+    from mindformers_lora_ext import adapter_files, peft_format  # pylint: disable=import-outside-toplevel
+    config, _ = adapter_files.read_adapter_dir(directory)
+    assert config["init_lora_weights"] == "eva" and config["rank_pattern"]
+    loaded = pair.mf_network(dict(peft_format.pet_config_from_peft(config), adapter_path=directory))
+    np.testing.assert_allclose(pair.mf_logits(loaded), hf_twins.hf_logits(model.eval(), pair.input_ids), atol=1e-4,
+                               rtol=0)
