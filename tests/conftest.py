@@ -13,6 +13,17 @@ TINY_CONFIG = os.path.join(ROOT, "configs", "tiny", "lora_ext.yaml")
 RUN_MINDFORMER = os.path.join(ROOT, "tests", "run_mindformer.py")
 
 
+def interop_modules(*names):
+    """The modules ``names`` of the interop extra (torch, peft, transformers). Missing ones skip
+    the caller, except where ``MINDFORMERS_LORA_EXT_REQUIRE_INTEROP=1`` (.ci/run sets it): there
+    they fail, never skip."""
+    if os.environ.get("MINDFORMERS_LORA_EXT_REQUIRE_INTEROP") == "1":
+        modules = [importlib.import_module(name) for name in names]
+    else:
+        modules = [pytest.importorskip(name) for name in names]
+    return modules[0] if len(modules) == 1 else tuple(modules)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cpu_context():
     import mindspore as ms

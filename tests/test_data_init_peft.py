@@ -3,15 +3,13 @@
 ours (data_init.corda / lora_ga) on the same weight and the same statistics, give the same A, B
 (singular vectors up to sign) and residual base weight."""
 import importlib
-import os
 
 import numpy as np
 import pytest
 
-if os.environ.get("MINDFORMERS_LORA_EXT_REQUIRE_INTEROP") == "1":
-    torch, peft = importlib.import_module("torch"), importlib.import_module("peft")
-else:
-    torch, peft = pytest.importorskip("torch"), pytest.importorskip("peft")
+from conftest import interop_modules
+
+torch, peft = interop_modules("torch", "peft")
 
 from mindformers_lora_ext.data_init import corda, lora_ga  # noqa: E402  pylint: disable=wrong-import-position
 

@@ -17,18 +17,14 @@ build their causal mask for it), so the 16 ids are padded with filler tokens: th
 causal, so the first 16 positions' logits do not depend on the filler (checked with two fillers).
 """
 import copy
-import importlib
 import os
 
 import numpy as np
 import pytest
 
-# .ci/run installs the interop extra and sets this: there a missing torch fails, never skips
-if os.environ.get("MINDFORMERS_LORA_EXT_REQUIRE_INTEROP") == "1":
-    torch = importlib.import_module("torch")
-else:
-    torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+from conftest import interop_modules
+
+torch, _ = interop_modules("torch", "transformers")
 
 import mindspore as ms  # noqa: E402  pylint: disable=wrong-import-position
 

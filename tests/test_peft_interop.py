@@ -9,18 +9,14 @@ weights converted by MindFormers' own converters, tests/hf_twins.py):
     refused naming the option; (d) MindFormers -> PEFT -> MindFormers is bit-exact.
 """
 import copy
-import importlib
-import os
 import warnings
 
 import numpy as np
 import pytest
 
-# .ci/run installs the interop extra and sets this: there a missing torch/peft fails, never skips
-if os.environ.get("MINDFORMERS_LORA_EXT_REQUIRE_INTEROP") == "1":
-    torch, peft = importlib.import_module("torch"), importlib.import_module("peft")
-else:
-    torch, peft = pytest.importorskip("torch"), pytest.importorskip("peft")
+from conftest import interop_modules
+
+torch, peft = interop_modules("torch", "peft")
 
 import mindspore as ms  # noqa: E402  pylint: disable=wrong-import-position
 

@@ -21,14 +21,28 @@ SERVE_DROPOUT = {**{t: dict(lora_dropout=0.3) for t in LORA_TYPES + ["adalora"]}
 
 
 @pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory):
+def plain_model():
+    """The tiny Llama without adapters (seed 42): it makes ``base_ckpt``; tests reuse it, and its
+    compiled graphs, through :func:`_loaded`."""
     from mindformers.tools.register import MindFormerConfig
     cfg = MindFormerConfig(os.path.join(ROOT, "configs", "tiny", "lora_ext.yaml"))
     del cfg.model.model_config["pet_config"]
     ms.set_seed(42)
+    return build_model(cfg.model)
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory, plain_model):  # pylint: disable=redefined-outer-name
     path = tmp_path_factory.mktemp("base") / "base.ckpt"
-    ms.save_checkpoint(build_model(cfg.model), str(path))
+    ms.save_checkpoint(plain_model, str(path))
     return str(path)
+
+
+def _loaded(net, checkpoint):
+    """``net`` with every one of its parameters loaded from ``checkpoint`` (asserted)."""
+    not_loaded, _ = ms.load_param_into_net(net, ms.load_checkpoint(checkpoint))
+    assert not_loaded == []
+    return net
 
 
 def _pet(pet_type, **extra):
@@ -81,7 +95,7 @@ def _greedy(net, ids):
 
 
 @pytest.mark.parametrize("pet_type", list(METHOD_KEYS))
-def test_greedy_generation_same_merged_and_unmerged(tiny_config, base_ckpt, tmp_path, pet_type):
+def test_greedy_generation_same_merged_and_unmerged(tiny_config, base_ckpt, plain_model, tmp_path, pet_type):  # pylint: disable=redefined-outer-name
     _adapter_dir(tiny_config, base_ckpt, pet_type, tmp_path / "adapter")
     if pet_type in ("pissa", "olora"):  # their adapters belong to the residual base they trained on
         pytest.skip("PiSSA/OLoRA adapters need the residual base saved with them; covered by test_merge")
@@ -99,13 +113,9 @@ def test_greedy_generation_same_merged_and_unmerged(tiny_config, base_ckpt, tmp_
     served.network.unmerge()
     ms.save_checkpoint(served, str(full))
     merge_checkpoint(str(full), str(tmp_path / "merged.ckpt"), served.network.config.pet_config)
-    del tiny_config.model.model_config["pet_config"]
-    plain = build_model(tiny_config.model)
-    ms.load_param_into_net(plain, ms.load_checkpoint(str(tmp_path / "merged.ckpt")))
-    np.testing.assert_array_equal(_greedy(plain, ids), tokens)
-    base = build_model(tiny_config.model)
-    ms.load_param_into_net(base, ms.load_checkpoint(base_ckpt))
-    assert not np.array_equal(_greedy(base, ids), tokens)  # the adapter is active when serving
+    np.testing.assert_array_equal(_greedy(_loaded(plain_model, str(tmp_path / "merged.ckpt")), ids), tokens)
+    # the adapter is active when serving
+    assert not np.array_equal(_greedy(_loaded(plain_model, base_ckpt), ids), tokens)
 
 
 @pytest.mark.parametrize("pet_type", ["lora_ext", "loha"])

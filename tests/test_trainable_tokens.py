@@ -2,9 +2,7 @@
 bit-identical, files hold the rows only (PEFT's keys), merge writes them back; and against the real
 HF PEFT (interop extra): PEFT loads ours with our logits, ours loads PEFT's with PEFT's logits."""
 import copy
-import importlib
 import json
-import os
 import warnings
 
 import numpy as np
@@ -16,6 +14,7 @@ from safetensors.numpy import load_file
 from mindformers.models.build_model import build_network
 from mindformers_lora_ext.merge import merged_values
 from mindformers_lora_ext.peft_format import load_adapter, save_adapter
+from conftest import interop_modules
 
 IDS = [3, 5, 7]
 RNG = np.random.default_rng(11)
@@ -112,16 +111,10 @@ def test_bad_targets_are_refused(tiny_config):
 
 # ------------------------------------------------------------------------ against HF PEFT
 
-def _interop():
-    if os.environ.get("MINDFORMERS_LORA_EXT_REQUIRE_INTEROP") == "1":
-        return importlib.import_module("torch"), importlib.import_module("peft")
-    return pytest.importorskip("torch"), pytest.importorskip("peft")
-
-
 @pytest.mark.interop
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_peft_agrees_both_ways(tmp_path, kind):
-    torch, peft = _interop()
+    torch, peft = interop_modules("torch", "peft")
     import hf_twins  # pylint: disable=import-outside-toplevel
     pair = hf_twins.build_pair(kind, seed=0)
     pair.input_ids[:, ::3] = 5  # the trained rows are used
