@@ -1,6 +1,6 @@
 """Fused LoRA kernel vs the MindSpore composition vs the frozen Dense alone (CPU, graph mode).
 
-    python benchmarks/fused_kernel.py [--quick] [--runs 7] [--no-memory] [--threads T]
+    python benchmarks/fused_kernel.py [--quick] [--runs 7] [--no-memory] [--threads T] [--shapes N:in:out,...]
 
 Speed: for each shape (N rows, in -> out, rank 16) and dropout (0, 0.05) it times, in one
 process and interleaved round-robin (so machine noise hits every variant alike), the median of
@@ -271,6 +271,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="first shape only, no memory run")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the kernel (0: default)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma list of N:in:out to time instead of the default shapes, e.g. 512:1024:1024 "
+                             "(the q/k/v/o layers of step_time.py's s3 Llama)")
     parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -280,7 +283,15 @@ def main(argv=None):
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     start = time.time()
-    rows = speed(args.runs, SHAPES[:1] if args.quick else SHAPES)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        try:
+            shapes = tuple(tuple(int(v) for v in item.split(":")) for item in args.shapes.split(",") if item)
+        except ValueError:
+            shapes = ()
+        if not shapes or any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
+            parser.error(f"--shapes: expected N:in:out[,N:in:out...] of positive integers, got {args.shapes!r}")
+    rows = speed(args.runs, shapes)
     goal = [both["fused"] / both["dense"] for _, _, both in rows]
     print(f"\nGoal fused fwd+bwd <= 1.05 x dense fwd+bwd: met in {sum(g <= 1.05 for g in goal)}/{len(goal)} cases "
           f"(fused/dense worst {max(goal):.3f}, best {min(goal):.3f})")

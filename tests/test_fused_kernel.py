@@ -5,6 +5,7 @@ per-module temporary cache; without a C++ compiler every test that needs it is s
 """
 # pylint: disable=redefined-outer-name,unused-argument,protected-access
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -523,6 +524,42 @@ def test_dispatch_rule(fresh_dispatch, warnings_log):
     assert dispatch.check_use_fused("True") is True and dispatch.check_use_fused("auto") == "auto"
     with pytest.raises(ValueError):
         FusedLoraMatmul(4, 4, 2, dropout=1.0)
+
+
+def test_cpu_auto_rule_file_names_only_measured_instruction_sets():
+    """The shipped rule (benchmarks/auto_rule.py writes it) parses; every entry is a threshold or
+    null with the whole-step rows it was decided from."""
+    with open(dispatch.CPU_AUTO_RULE_FILE, encoding="utf-8") as handle:
+        table = json.load(handle)["isa"]
+    assert set(table) <= {"avx512", "avx2", "generic"}
+    for entry in table.values():
+        threshold, rows = entry["min_weight_elements"], entry["rows"]
+        assert rows and all({"weight_elements", "fused_ms", "composition_ms", "ratio"} <= set(r) for r in rows)
+        winners = [r["weight_elements"] for r in rows if r["ratio"] is not None and r["ratio"] <= entry["goal"]
+                   and not r["noisy"]]
+        assert threshold is None or threshold in winners
+    assert dispatch.cpu_auto_rule() == {isa: entry["min_weight_elements"] for isa, entry in table.items()}
+
+
+@needs_cxx
+def test_cpu_auto_follows_the_whole_step_rule(fresh_dispatch, warnings_log, monkeypatch):
+    """auto on CPU: fused only for an instruction set and size the rule names; no build at all
+    while no measured instruction set would pick it; True ignores the rule."""
+    big, small = 1024 * 1024, 512 * 512
+    monkeypatch.setattr(dispatch, "cpu_auto_rule", lambda: {"avx2": None})
+    backend, reason = dispatch.resolve("auto", mstype.float32, "CPU", weight_elements=big)
+    assert backend is None and "measured no win" in reason and "CPU" not in dispatch._BUILT  # not even built
+    isa = dispatch.resolve(True, mstype.float32, "CPU", weight_elements=small)[0].isa  # forced: built
+    assert isa in ("avx512", "avx2", "generic")
+    monkeypatch.setattr(dispatch, "cpu_auto_rule", lambda: {isa: big})
+    assert dispatch.resolve("auto", mstype.float32, "CPU", weight_elements=big)[0].isa == isa
+    backend, reason = dispatch.resolve("auto", mstype.float32, "CPU", weight_elements=small)
+    assert backend is None and f"fused from {big}" in reason
+    other = "generic" if isa != "generic" else "avx2"
+    monkeypatch.setattr(dispatch, "cpu_auto_rule", lambda: {other: big})  # measured elsewhere only
+    backend, reason = dispatch.resolve("auto", mstype.float32, "CPU", weight_elements=big)
+    assert backend is None and f"no win of the fused kernel on {isa}" in reason
+    assert not warnings_log  # auto decisions are silent
 
 
 @needs_cxx

@@ -131,6 +131,13 @@ def check_library(path: str) -> str:
     return path
 
 
+def library_isa(path: str) -> str:
+    """The instruction set ("avx512", "avx2" or "generic") the library at ``path`` runs here."""
+    lib = ctypes.CDLL(os.path.abspath(path))
+    lib.flk_isa.restype = ctypes.c_char_p
+    return lib.flk_isa().decode()
+
+
 def _usable(path: str) -> bool:
     if not os.path.exists(path):
         return False

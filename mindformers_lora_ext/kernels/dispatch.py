@@ -8,29 +8,17 @@
 * ``"auto"``: the fused op where the rule table :data:`AUTO_RULE` says it is not slower than the
   composition and it is built; otherwise the composition, silently when the rule says no.
 
-The rule, by device and compute dtype, from ``benchmarks/fused_kernel.py`` (x86 with AVX-512,
-2 cores shared with other jobs, MindSpore 2.9, graph mode, median of 7, one training step =
-forward + backward of loss = sum(y * dy); times in ms, OMP_NUM_THREADS=1 for both sides):
+The rule, by device and compute dtype:
 
-    N     in=out  r   p     dense    comp    fused   fused/comp  fused/dense
-    2048  1024   16  0      60.5     73.2    63.8    0.87        1.05
-    2048  1024   16  0.05   60.2     84.5    69.4    0.82        1.15
-    2048  4096   16  0     914.1    966.6   856.3    0.89        0.94
-    2048  4096   16  0.05  837.5    965.3   853.6    0.88        1.02
-     512  4096   16  0     202.9    217.6   213.5    0.98        1.05
-     512  4096   16  0.05  229.1    257.8   250.4    0.97        1.09   (another run; this row's
-                                                                       first run was disturbed)
-
-* CPU float32: fused. Its training step was never slower than the composition beyond noise:
-  0.82-0.98x above, 0.54-1.01x in three runs with 2 threads (default); the one case near parity
-  is a small N with large layers (N=512, 4096^2, p=0: step 0.88-1.01x, but the forward alone
-  1.02-1.14x). It also keeps far less for backward (no dropped copy of x, no mask): 240-283 MB
-  vs 736 MB over frozen Dense layers for a 4-block Llama-like stack, dropout 0.05, 2048 tokens.
-  But small layers lose: a whole small Llama (hidden 512, 4 layers, seq 256, batch 2) trained
-  1.27x slower per step with the fused op on its 512x512 q/k/v/o than with the composition, and
-  its eval forward took 1.68x the composition's (benchmarks/step_time.py, merged_forward.py).
-  So on CPU ``auto`` also needs in x out >= :data:`AUTO_MIN_WEIGHT_ELEMENTS` (1024 x 1024, the
-  smallest size measured faster above); ``True`` ignores the size.
+* CPU float32: fused only where whole training steps measured it faster. The layer benchmark
+  (``benchmarks/fused_kernel.py``) does not predict the step: the op won alone (fwd+bwd 0.82-0.98x
+  the composition, AVX-512) yet whole Llama steps took 1.27x (h512) and 0.995-1.07x (h1024, AVX2)
+  the composition's time. So :data:`CPU_AUTO_RULE_FILE` (``cpu_auto_rule.json``, written by
+  ``benchmarks/auto_rule.py`` from whole training steps, fused vs composition, side by side) gives
+  per instruction set the smallest in x out from which the fused step was at most 0.95x the
+  composition's at every measured size, or null: never. An instruction set the file does not
+  name (not measured) gets the composition. The library is not even built while no measured
+  instruction set picks the fused op for a layer of this size.
 * CPU float16/bfloat16: composition (the CPU kernel is float32 only).
 * Ascend float32/float16/bfloat16: fused when ``kernels.ascend`` is available and builds;
   that module owns the decision (``is_available()``).
@@ -55,10 +43,13 @@ in ``Backend.convention`` and handled by ``layer``:
   p float32 [1], seed_offset int64 [2] = (seed, offset) (Threefry-2x32-20, see ascend/RNG.md);
   its forward op carries its own bprop.
 """
+import json
 import logging
+import os
 import threading
+from functools import lru_cache
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import mindspore as ms
 from mindspore.common import dtype as mstype
@@ -95,6 +86,7 @@ class Backend:
     backward: object
     convention: str = "cpu"
     dropped_matmul: object = None  # DoRA's dropout correction (cpu_ops.make_dropped_matmul) or None
+    isa: str = ""  # CPU: the instruction set the library runs ("avx512", "avx2", "generic")
 
 
 _LOCK = threading.RLock()
@@ -140,10 +132,10 @@ def current_device() -> str:
 
 
 def _cpu_ops():
-    from mindformers_lora_ext.kernels.build import build_cpu_library  # pylint: disable=import-outside-toplevel
+    from mindformers_lora_ext.kernels.build import build_cpu_library, library_isa  # pylint: disable=import-outside-toplevel
     from mindformers_lora_ext.kernels.cpu_ops import make_cpu_ops, make_dropped_matmul  # pylint: disable=import-outside-toplevel
     lib = build_cpu_library()
-    return (*make_cpu_ops(lib), make_dropped_matmul(lib))
+    return (*make_cpu_ops(lib), {"dropped_matmul": make_dropped_matmul(lib), "isa": library_isa(lib)})
 
 
 def _ascend_ops():
@@ -159,7 +151,7 @@ def _ascend_ops():
     forward, backward = ascend.build_ops()
     if getattr(forward, "bprop", None) is None:
         raise RuntimeError("kernels.ascend.build_ops() returned a forward op without a bprop")
-    return forward, backward
+    return forward, backward, {}
     # ===== end of the Ascend hook =====
 
 
@@ -175,9 +167,8 @@ def build_backend(device: str) -> Backend:
             else:
                 name, convention, builder = _BUILDERS[device]
                 try:
-                    forward, backward, *extra = builder()
-                    _BUILT[device] = Backend(name, device, forward, backward, convention,
-                                             dropped_matmul=extra[0] if extra else None)
+                    forward, backward, extra = builder()
+                    _BUILT[device] = Backend(name, device, forward, backward, convention, **extra)
                 except Exception as exc:  # pylint: disable=broad-except  (never stop training)
                     _BUILT[device] = exc
         result = _BUILT[device]
@@ -186,21 +177,48 @@ def build_backend(device: str) -> Backend:
     return result
 
 
-AUTO_MIN_WEIGHT_ELEMENTS = 1024 * 1024  # CPU: below this the composition was faster (above)
+CPU_AUTO_RULE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_auto_rule.json")
+
+
+@lru_cache(maxsize=None)
+def cpu_auto_rule() -> Dict[str, Optional[int]]:
+    """Instruction set -> the smallest in x out where CPU ``auto`` picks the fused kernel (None:
+    never), from :data:`CPU_AUTO_RULE_FILE` (module docstring)."""
+    with open(CPU_AUTO_RULE_FILE, encoding="utf-8") as handle:
+        table = json.load(handle)["isa"]
+    return {isa: entry["min_weight_elements"] for isa, entry in table.items()}
+
+
+def _cpu_auto_refusal(weight_elements: Optional[int], isa: Optional[str] = None) -> Optional[str]:
+    """Why CPU ``auto`` takes the composition for a layer of ``weight_elements`` (in x out) on
+    ``isa`` (None: on any instruction set, before the library is built), or None: fused."""
+    rule = cpu_auto_rule()
+    thresholds = [rule.get(isa)] if isa else list(rule.values())
+    thresholds = [t for t in thresholds if t is not None]
+    where = f"on {isa}" if isa else "on any instruction set"
+    if not thresholds:
+        return (f"auto rule: whole training steps measured no win of the fused kernel {where} "
+                f"({os.path.basename(CPU_AUTO_RULE_FILE)}, benchmarks/auto_rule.py)")
+    if weight_elements is not None and weight_elements < min(thresholds):
+        return (f"auto rule: the composition is faster for {weight_elements} weight elements {where} "
+                f"(fused from {min(thresholds)}; {os.path.basename(CPU_AUTO_RULE_FILE)})")
+    return None
 
 
 def resolve(use_fused="auto", dtype=mstype.float32, device: Optional[str] = None,
             weight_elements: Optional[int] = None) -> Tuple[Optional[Backend], str]:
     """(backend or None, reason). None means: use the composition; ``reason`` says why.
-    ``weight_elements``: in x out of the layer (the CPU ``auto`` rule needs it large)."""
+    ``weight_elements``: in x out of the layer (the CPU ``auto`` rule is by size)."""
     use_fused = check_use_fused(use_fused)
     device = device or current_device()
     key = (device, dtype_name(dtype))
-    if use_fused == "auto" and device == "CPU" and weight_elements is not None \
-            and weight_elements < AUTO_MIN_WEIGHT_ELEMENTS:
-        return None, f"auto rule: the composition is faster for {weight_elements} weight elements on CPU"
     if use_fused is False:
         return None, "use_fused_kernel is False"
+    cpu_auto = use_fused == "auto" and key == ("CPU", "float32")
+    if cpu_auto:
+        refusal = _cpu_auto_refusal(weight_elements)
+        if refusal:
+            return None, refusal
     if key not in SUPPORTED:
         reason = f"no fused kernel for {key[1]} on {device}"
         if use_fused is True:
@@ -208,7 +226,12 @@ def resolve(use_fused="auto", dtype=mstype.float32, device: Optional[str] = None
         return None, reason
     if use_fused == "auto" and not AUTO_RULE.get(key, False):
         return None, f"auto rule: the composition is faster for {key[1]} on {device}"
-    return _built(device)
+    backend, reason = _built(device)
+    if backend is not None and cpu_auto:
+        refusal = _cpu_auto_refusal(weight_elements, backend.isa)
+        if refusal:
+            return None, refusal
+    return backend, reason
 
 
 def _built(device: str) -> Tuple[Optional[Backend], str]:

@@ -212,11 +212,13 @@ class LoraLinear(AdoptedLinear):
 
     def lora_path(self, x2d):
         """s * (x A^T) B^T [+ s * b_B] for ``x2d`` [N, in] -> [N, out]."""
-        h = self.lora_a_matmul(x2d, self.cast(self.lora_A, self.compute_dtype))
+        scaling = self.active() * self.scaling
+        # s scales h [N, r], not y [N, out]: r/out of the elementwise work, forward and backward
+        h = self.lora_a_matmul(x2d, self.cast(self.lora_A, self.compute_dtype)) * scaling
         y = self.lora_b_matmul(h, self.b_matrix())
         if self.use_lora_bias:
-            y = y + self.cast(self.lora_B_bias, self.compute_dtype)
-        return y * (self.active() * self.scaling)
+            y = y + self.cast(self.lora_B_bias, self.compute_dtype) * scaling
+        return y
 
     def delta(self, x2d, base_out):
         return self.variant.delta(self, x2d, base_out)
