@@ -12,7 +12,7 @@ them too (PiSSA/OLoRA/CorDA/LoRA-GA after ``mindformers-lora convert``, onto the
 the Qwen3 types other than lora_ext and dora fold the reloaded network in place, the merge that
 ``merge_on_load`` runs, instead of building a third network).
 EVA, CorDA and LoRA-GA run their statistics pass (DataDrivenInit) on the mcore layers' [S, B, h]
-rows. Resume and the loss trajectory are checked for lora_ext, dora and corda (whose residual base
+rows. Resume and the loss trajectory are checked for lora_ext and corda (whose residual base
 AdapterCheckpoint restores from the run's initial adapter).
 """
 import json
@@ -206,7 +206,7 @@ def test_trains_saves_reloads_and_merges(tmp_path, bases, plain, data, model, na
     assert not_loaded and all(is_adapter_tensor(n) for n in not_loaded), not_loaded
     np.testing.assert_allclose(_logits(reloaded), expected, rtol=1e-4, atol=1e-4)
 
-    if model == "qwen3" and name in ("lora_ext", "dora", "corda"):  # resume from step 16: the same trajectory
+    if model == "qwen3" and name in ("lora_ext", "corda"):  # resume from step 16: the same trajectory
         resumed = tmp_path / "resumed"
         shutil.copytree(adapters / "step_16", resumed / "adapters" / "step_16")
         if name == "corda":  # no statistics pass again: the saved adapter (and its initial one) win

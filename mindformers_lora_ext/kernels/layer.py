@@ -111,7 +111,8 @@ class _Functional:
     def forward(self):
         """The fused forward op (float32, current device, "cpu" convention) or None."""
         if not self._resolved:
-            backend, _ = dispatch.resolve("auto", mstype.float32)
+            # calling the fused op by name asks for it: the "auto" rule decides for layers by size
+            backend, _ = dispatch.resolve(True, mstype.float32)
             self._backend = backend.forward if backend and backend.convention == "cpu" else None
             self._resolved = True
         return self._backend
@@ -125,7 +126,8 @@ _FUNCTIONAL = _Functional()
 
 
 def fused_lora(x, weight, lora_a, lora_b, scaling, dropout=0.0, seed=None):
-    """``x W^T + scaling * (drop(x) A^T) B^T``, fused where the "auto" rule allows.
+    """``x W^T + scaling * (drop(x) A^T) B^T``, fused wherever the kernel is built (as with
+    ``use_fused_kernel: true``; the ``auto`` rule decides for layers, by their size).
 
     x [..., in], weight [out, in] (frozen), lora_a [r, in], lora_b [out, r]; returns [..., out].
     Differentiable w.r.t. x, lora_a, lora_b. ``scaling``: float or Tensor ([] or [1]).
