@@ -5,8 +5,10 @@
 * ``False``: always the composition ``x W^T + s (drop(x) A^T) B^T`` (MatMul/Dropout/Mul/Add).
 * ``True``: the fused op wherever one is built for this device and dtype, even where the
   ``auto`` rule below would not pick it; otherwise the composition (with the warning below).
-* ``"auto"``: the fused op where the rule table :data:`AUTO_RULE` says it is not slower than the
-  composition and it is built; otherwise the composition, silently when the rule says no.
+* ``"auto"``: the fused op where the rule below says it is not slower than the composition
+  (:data:`AUTO_RULE` by device and dtype; on CPU float32 also :func:`cpu_auto_rule`, by
+  instruction set and layer size) and it is built; otherwise the composition, silently when the
+  rule says no.
 
 The rule, by device and compute dtype:
 
@@ -60,7 +62,7 @@ USE_FUSED_CHOICES = ("auto", True, False)
 
 # (device, dtype name) -> picked by "auto". Missing entries: not picked.
 AUTO_RULE = {
-    ("CPU", "float32"): True,
+    ("CPU", "float32"): True,  # where cpu_auto_rule() also picks it (instruction set, layer size)
     ("Ascend", "float32"): True,
     ("Ascend", "float16"): True,
     ("Ascend", "bfloat16"): True,
