@@ -1,4 +1,7 @@
 """LoraLinear and its variants (rsLoRA, DoRA, lora_bias, init schemes) against numpy formulas."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -6,10 +9,12 @@ from mindspore import Tensor, nn
 
 from mindformers.modules.layers import Linear
 from mindformers_lora_ext.config import LoraExtConfig
+from mindformers_lora_ext.kernels import PhiloxDropout
 from mindformers_lora_ext.tuners.lora import LoraLinear, merged_weight
 from conftest import randomize_layer
 
 RNG = np.random.default_rng(1234)
+HAVE_CXX = shutil.which(os.environ.get("CXX") or "g++") is not None
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 BASES = {
@@ -211,6 +216,39 @@ def test_dropout_only_on_the_adapter_path():
     assert not np.allclose(trained, reference(x, arr, 1.0, False), atol=1e-3)
 
 
+def test_lora_under_dropout_uses_the_kernel_dropout_and_matches_numpy():
+    """Plain LoRA's composition under ``auto`` on CPU float32 drops x with the kernels' Philox
+    dropout: y = x W^T + b + s drop(x) A^T B^T and its gradients against float64 numpy with the
+    layer's own mask; ``use_fused_kernel: false`` keeps MindSpore's nn.Dropout."""
+    off = LoraLinear(nn.Dense(16, 8), spec(lora_dropout=0.3, use_fused_kernel=False))
+    assert type(off.lora_dropout) is nn.Dropout  # pylint: disable=unidiomatic-typecheck
+    if not HAVE_CXX:
+        pytest.skip("no C++ compiler: the kernel dropout cannot be built")
+
+    layer = LoraLinear(nn.Dense(16, 8, has_bias=True), spec(lora_rank=3, lora_alpha=6.0, lora_dropout=0.3))
+    layer.set_train(True)
+    assert isinstance(layer.lora_dropout, PhiloxDropout) and not layer.fused
+    multiplier = _fix_seed(layer)
+    arr = randomize(layer)
+    x = RNG.standard_normal((64, 16)).astype(np.float32)
+    g = RNG.standard_normal((64, 8)).astype(np.float64)
+    params = layer.adapter_parameters()
+
+    def loss(inp):
+        return (layer(inp) * Tensor(g.astype(np.float32))).sum()
+
+    value, (dx, grads) = ms.value_and_grad(loss, grad_position=0, weights=params)(Tensor(x))
+    mult = multiplier(x)
+    assert 0.2 < (mult == 0).mean() < 0.4
+    s, xd = 2.0, x * mult
+    w, a, b = arr["weight"], arr["lora_A"], arr["lora_B"]
+    np.testing.assert_allclose(value.asnumpy(), ((x @ w.T + arr["bias"] + s * xd @ a.T @ b.T) * g).sum(), rtol=1e-5)
+    expected = {"lora_A": s * (g @ b).T @ xd, "lora_B": s * g.T @ (xd @ a.T)}
+    for param, grad in zip(params, grads):
+        np.testing.assert_allclose(grad.asnumpy(), expected[param.name.rsplit(".", 1)[-1]], **TOL)
+    np.testing.assert_allclose(dx.asnumpy(), g @ w + mult * (s * (g @ b) @ a), **TOL)
+
+
 def _dora_dropout_layer(fused, seed=11):
     ms.set_seed(seed)  # the dropout op's seeds come from the global seed: twins draw one mask
     layer = LoraLinear(nn.Dense(16, 8, has_bias=True),
@@ -219,13 +257,42 @@ def _dora_dropout_layer(fused, seed=11):
     return layer
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["dropped_kernel", "second_matmul"])
+class FixedSeed(nn.Cell):
+    """Stands in for PhiloxDropout's seed op: the same Philox key every call."""
+
+    def __init__(self, key):
+        super().__init__()
+        self.key = Tensor(np.array(key, np.int32))
+
+    def construct(self, shape, low, high):  # pylint: disable=unused-argument
+        return self.key
+
+
+def _fix_seed(layer):
+    """Give a PhiloxDropout layer a fixed key; returns its multiplier (0 or 1/(1-p)) for x's shape."""
+    layer.lora_dropout.seed_op = FixedSeed((7, 9))
+    return lambda x: layer.lora_dropout(Tensor(np.ones_like(x))).asnumpy().astype(np.float64)
+
+
+def _twin_multiplier(fused, x):
+    """The dropout multiplier (0 or 1/(1-p)) of the first training call of a twin layer
+    (MindSpore's nn.Dropout, reproduced by ``mindspore.set_seed``)."""
+    dropout = _dora_dropout_layer(fused).lora_dropout
+    _, keep = dropout.dropout(Tensor(x))
+    return keep.asnumpy().astype(np.float64) / (1 - dropout.p)
+
+
+@pytest.mark.parametrize("fused", [True, False, "auto"], ids=["dropped_kernel", "second_matmul", "philox_dropout"])
 def test_dora_under_dropout_matches_numpy(fused):
     """DoRA in training with dropout: y = x W^T + b + (c - 1) drop(x) W^T + c s drop(x) A^T B^T,
     c = m / ||W + sBA||_row (constant in backward), against float64 numpy with the layer's own
-    mask. The kernel path forms drop(x) W^T from x W^T and the dropped elements only."""
+    mask. The kernel path forms drop(x) W^T from x W^T and the dropped elements only; under
+    ``auto`` the second matmul takes the kernels' Philox dropout (mask regenerated in backward)."""
     layer = _dora_dropout_layer(fused)
-    assert (layer.dora_dropped is not None) == fused, layer.dora_dropped_reason
+    assert (layer.dora_dropped is not None) == (fused is True), layer.dora_dropped_reason
+    philox = isinstance(layer.lora_dropout, PhiloxDropout)
+    assert philox == (fused is not False and HAVE_CXX)
+    multiplier = _fix_seed(layer) if philox else lambda x: _twin_multiplier(fused, x)
     arr = randomize(layer)
     x = RNG.standard_normal((64, 16)).astype(np.float32)
     g = RNG.standard_normal((64, 8)).astype(np.float32)
@@ -235,9 +302,8 @@ def test_dora_under_dropout_matches_numpy(fused):
         return (layer(inp) * Tensor(g)).sum()
 
     (value, (dx, grads)) = ms.value_and_grad(loss, grad_position=0, weights=params)(Tensor(x))
-    _, keep = _dora_dropout_layer(fused).lora_dropout.dropout(Tensor(x))  # the twin's first mask
-    mult = keep.asnumpy().astype(np.float64) / 0.7
-    assert 0.2 < 1 - keep.asnumpy().mean() < 0.4  # the mask is a real p = 0.3 draw
+    mult = multiplier(x)  # the layer's own mask
+    assert 0.2 < (mult == 0).mean() < 0.4  # the mask is a real p = 0.3 draw
     s, x64, g64 = 2.0, x.astype(np.float64), g.astype(np.float64)
     w, a, b, m = arr["weight"], arr["lora_A"], arr["lora_B"], arr["lora_magnitude_vector"]
     xd = x64 * mult

@@ -126,11 +126,14 @@ def test_dora_dropout_path_recomputes_base_with_own_matmul():
 
 def test_dora_dropout_kernel_is_not_used_on_mcore_until_mindspore_runs_it():
     """MindSpore 2.9 cannot run a Custom op beside the mcore base's Morph (CustomInferTypeByPy:
-    "The prim is not a PrimitivePy"), so DoRA's dropped-matmul kernel stays off on mcore bases,
-    with the reason. This test then fails when it runs: the kernel path can be enabled."""
+    "The prim is not a PrimitivePy"), so the kernels' dropout and DoRA's dropped-matmul kernel
+    stay off on mcore bases, with the reason. This test then fails when it runs: the kernel path
+    can be enabled."""
     layer = LoraLinear(column(bias=True), spec(use_dora=True, lora_dropout=0.3))
+    assert type(layer.lora_dropout) is nn.Dropout  # pylint: disable=unidiomatic-typecheck
     assert layer.dora_dropped is None and "mcore base" in layer.dora_dropped_reason
-    from mindformers_lora_ext.kernels import dispatch
+    from mindformers_lora_ext.kernels import PhiloxDropout, dispatch
+    layer.lora_dropout = PhiloxDropout(0.3, dispatch.resolve_dropout(True, ms.float32)[0])
     layer.dora_dropped, _ = dispatch.resolve_dropped_matmul(True, ms.float32)
     layer.set_train(True)
     with pytest.raises(RuntimeError, match="PrimitivePy"):

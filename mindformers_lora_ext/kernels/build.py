@@ -16,7 +16,7 @@ loads a stale one. ``$MINDFORMERS_LORA_EXT_CPU_LIB`` names a prebuilt library in
 Safety: directories we create are mode 0700; an existing cache directory must belong to the
 current user and must not be group- or world-writable, or the build is refused (a library
 someone else can swap is code execution). The compiler is run with an argument list (no shell),
-``$CXX`` (default ``g++``) resolved with ``shutil.which``. Flags are portable: ``-O3 -fopenmp``
+``$CXX`` (default ``g++``) resolved with ``shutil.which``. Flags are portable: ``-O3 -pthread``
 and no ``-march``; the source selects AVX-512 / AVX2+FMA / generic code at run time (CPUID).
 
 Concurrency (e.g. msrun workers starting together): builders serialise on an ``flock`` of
@@ -38,12 +38,12 @@ import stat
 import subprocess
 import tempfile
 
-ABI_VERSION = 3  # must equal FLK_ABI_VERSION in cpu/fused_lora.cc
+ABI_VERSION = 4  # must equal FLK_ABI_VERSION in cpu/fused_lora.cc
 LIB_NAME = "fused_lora_cpu.so"
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu")
-SOURCES = ("fused_lora.cc", "fused_lora_isa.inc", "dropped_matmul.cc")
-COMPILED = tuple(name for name in SOURCES if name.endswith(".cc"))  # .inc: included
-CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden",
+SOURCES = ("fused_lora.cc", "fused_lora_isa.inc", "dropped_matmul.cc", "thread_pool.h")
+COMPILED = tuple(name for name in SOURCES if name.endswith(".cc"))  # .inc, .h: included
+CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden",
             "-ffp-contract=fast", "-fno-math-errno", "-Wall")
 ENV_CACHE = "MINDFORMERS_LORA_EXT_KERNEL_CACHE"
 ENV_LIB = "MINDFORMERS_LORA_EXT_CPU_LIB"

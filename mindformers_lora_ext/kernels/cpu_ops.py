@@ -1,5 +1,6 @@
-"""The CPU kernels as MindSpore ``ops.Custom(func_type="aot")`` primitives: the fused LoRA pair
-and DoRA's dropout correction (:func:`make_dropped_matmul`).
+"""The CPU kernels as MindSpore ``ops.Custom(func_type="aot")`` primitives: the fused LoRA pair,
+its dropout alone (:func:`make_philox_dropout`) and DoRA's dropout correction
+(:func:`make_dropped_matmul`).
 
 forward  (x [N, in], W [out, in], A [r, in], B [out, r], sp [2] = (s, p), seed [2] int32)
          -> (y [N, out], h [N, r], seed_out [2]),  y = x W^T + s h B^T,  h = drop(x) A^T
@@ -22,6 +23,8 @@ from mindspore.ops import functional as F
 
 FORWARD = "FusedLoraForward"
 BACKWARD = "FusedLoraBackward"
+DROPOUT_FORWARD = "PhiloxDropoutForward"
+DROPOUT_BACKWARD = "PhiloxDropoutBackward"
 DROPPED_FORWARD = "DroppedMatmulForward"
 DROPPED_BACKWARD = "DroppedMatmulBackward"
 
@@ -55,21 +58,45 @@ def make_cpu_ops(lib_path: str):
     return forward, backward
 
 
+def make_philox_dropout(lib_path: str):
+    """The fused op's dropout alone as a Custom primitive: ``(x, p [1] float32, seed [2] int32)
+    -> (y, seed_out [2])``, y = x * mask / (1 - p) with the mask the fused op draws for this seed
+    (element e of x by flat index), x float32 of any shape. Its bprop regenerates the mask from
+    the forward's seed output (dx = drop(dy)), so no mask is kept; p and seed get zero gradients."""
+    f32, i32 = DataType.F32_Default, DataType.I32_Default
+    # a second output (the seed again), as cpu/dropped_matmul.cc explains
+    backward = ops.Custom(
+        f"{lib_path}:{DROPOUT_BACKWARD}", out_shape=None, out_dtype=(mstype.float32, mstype.int32), func_type="aot",
+        reg_info=_reg_info("mfl_philox_dropout_backward", ("dy", "p", "seed"), ("dx", "seed_out"),
+                           (f32, f32, i32, f32, i32)))
+
+    def bprop(x, p, seed, out, dout):
+        return backward(dout[0], p, out[1])[0], F.zeros_like(p), F.zeros_like(seed)
+
+    return ops.Custom(
+        f"{lib_path}:{DROPOUT_FORWARD}", out_shape=None, out_dtype=(mstype.float32, mstype.int32), func_type="aot",
+        bprop=bprop, reg_info=_reg_info("mfl_philox_dropout_forward", ("x", "p", "seed"), ("y", "seed_out"),
+                                        (f32, f32, i32, f32, i32)))
+
+
 def make_dropped_matmul(lib_path: str):
     """DoRA's dropout correction ``z = (x * (1 - keep)) W^T`` as a Custom primitive
-    (cpu/dropped_matmul.cc): x, keep [N, in] float32 (keep: MindSpore Dropout's 0/1 mask),
-    W [out, in] float32 -> (z [N, out], dropped [1] = the number of dropped elements).
-    Its bprop gives x ``(1 - keep) * (dz W)``; keep and W get zero gradients (W is frozen)."""
-    f32 = DataType.F32_Default
+    (cpu/dropped_matmul.cc): (x [N, in], p [1] float32, seed [2] int32, W [out, in]) -> (z [N, out],
+    dropped [1] = the number of dropped elements), keep = the mask :func:`make_philox_dropout`
+    applies for (p, seed), regenerated in the kernel (none is kept). Its bprop gives x
+    ``(1 - keep) * (dz W)``; p, seed and W get zero gradients (W is frozen)."""
+    f32, i32 = DataType.F32_Default, DataType.I32_Default
     # second output `dropped` [1] (count of dropped elements): see cpu/dropped_matmul.cc for why
     backward = ops.Custom(
         f"{lib_path}:{DROPPED_BACKWARD}", out_shape=None, out_dtype=(mstype.float32,) * 2, func_type="aot",
-        reg_info=_reg_info("mfl_dropped_matmul_backward", ("dz", "keep", "w"), ("dx", "dropped"), (f32,) * 5))
+        reg_info=_reg_info("mfl_dropped_matmul_backward", ("dz", "p", "seed", "w"), ("dx", "dropped"),
+                           (f32, f32, i32, f32, f32, f32)))
 
-    def bprop(x, keep, weight, out, dout):
-        return backward(dout[0], keep, weight)[0], F.zeros_like(keep), F.zeros_like(weight)
+    def bprop(x, p, seed, weight, out, dout):
+        return (backward(dout[0], p, seed, weight)[0], F.zeros_like(p), F.zeros_like(seed),
+                F.zeros_like(weight))
 
     return ops.Custom(
         f"{lib_path}:{DROPPED_FORWARD}", out_shape=None, out_dtype=(mstype.float32,) * 2, func_type="aot",
-        bprop=bprop, reg_info=_reg_info("mfl_dropped_matmul_forward", ("x", "keep", "w"), ("z", "dropped"),
-                                        (f32,) * 5))
+        bprop=bprop, reg_info=_reg_info("mfl_dropped_matmul_forward", ("x", "p", "seed", "w"), ("z", "dropped"),
+                                        (f32, f32, i32, f32, f32, f32)))

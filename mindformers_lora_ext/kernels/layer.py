@@ -22,6 +22,17 @@ from mindformers_lora_ext.kernels import dispatch
 _INT32_MAX = 2 ** 31 - 1
 
 
+def _seed_op():
+    """A ``UniformInt`` for Philox keys, seeded from ``mindspore.set_seed`` as ``nn.Dropout`` seeds
+    its op (``_get_graph_seed``); an unseeded primitive would ignore the global seed."""
+    try:
+        from mindspore.common.seed import _get_graph_seed  # pylint: disable=import-outside-toplevel
+    except ImportError:  # not in this MindSpore: unseeded (masks differ between runs)
+        return P.UniformInt()
+    seed, seed2 = _get_graph_seed(0, "uniform_int")
+    return P.UniformInt(seed=seed, seed2=seed2)
+
+
 class FusedLoraMatmul(nn.Cell):
     """``y2d = x2d W^T + s * (dropout(x2d) A^T) B^T`` in one fused op where available.
 
@@ -67,7 +78,7 @@ class FusedLoraMatmul(nn.Cell):
             seed_type = np.int64 if self.convention == "ascend" else np.int32
             self.no_seed = Tensor(np.zeros(2, seed_type))
             if self.dropout_active:
-                self.seed_op = P.UniformInt()
+                self.seed_op = _seed_op()
                 self.seed_low = Tensor(0, mstype.int32)
                 self.seed_high = Tensor(_INT32_MAX, mstype.int32)
                 self.seed_mask = Tensor(np.array([1, 0], np.int64))  # ascend: (seed, offset 0)
@@ -91,6 +102,35 @@ class FusedLoraMatmul(nn.Cell):
         y = self.matmul(x2d, weight)
         h = self.lora_a_matmul(self.lora_dropout(x2d), lora_a)
         return y + self.lora_b_matmul(h, lora_b) * self.cast(scaling, y.dtype)
+
+
+class PhiloxDropout(nn.Cell):
+    """Inverted dropout of probability ``p`` with the fused op's Philox mask, in training only:
+    ``construct(x) -> x * mask / (1 - p)``, x float32 of any shape. A fresh seed per execution
+    (this cell's own ``UniformInt``, as :class:`FusedLoraMatmul`); the backward regenerates the
+    mask from the forward's seed, so no mask is kept between forward and backward.
+    ``op``: ``cpu_ops.make_philox_dropout``'s primitive (``dispatch.resolve_dropout``)."""
+
+    def __init__(self, p, op):
+        super().__init__()
+        if not 0.0 < float(p) < 1.0:
+            raise ValueError(f"dropout must be in (0, 1), got {p}")
+        self.p = float(p)
+        self.op = op
+        self.p_tensor = Tensor(np.array([self.p], np.float32))
+        self.seed_op = _seed_op()
+        self.seed_low = Tensor(0, mstype.int32)
+        self.seed_high = Tensor(_INT32_MAX, mstype.int32)
+
+    def construct(self, x):
+        if not self.training:
+            return x
+        return self.with_seed(x)[0]
+
+    def with_seed(self, x):
+        """(x dropped, the int32 [2] seed of its mask) in training; DoRA's dropped-element
+        kernel regenerates the same mask from it."""
+        return self.op(x, self.p_tensor, self.seed_op((2,), self.seed_low, self.seed_high))
 
 
 class _Functional:

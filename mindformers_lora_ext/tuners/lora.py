@@ -90,8 +90,10 @@ class Dora(Lora):
         # W A^T [out, r] from W in its stored layout ([out, in] or [in, out])
         layer.dora_wa_matmul = P.MatMul(transpose_a=not layer.transpose_b, transpose_b=True)
         layer.dora_dropped = None
-        if layer.dropout_active:
-            layer.dora_dropped, layer.dora_dropped_reason = _dropped_matmul(layer)
+        if layer.dropout_active:  # the kernel regenerates PhiloxDropout's mask from its seed
+            from mindformers_lora_ext.kernels.layer import PhiloxDropout  # pylint: disable=import-outside-toplevel
+            layer.dora_dropped, layer.dora_dropped_reason = _dropped_matmul(layer) \
+                if isinstance(layer.lora_dropout, PhiloxDropout) else (None, layer.dropout_reason)
             layer.dora_keep_scale = 1.0 / (1.0 - layer.lora_dropout.p)
 
     @staticmethod
@@ -113,8 +115,8 @@ class Dora(Lora):
         base_drop = base_out
         if layer.dropout_active and layer.training:
             if layer.dora_dropped is not None:
-                x_drop, keep = layer.lora_dropout.dropout(x2d)
-                dropped_out = layer.dora_dropped(x2d, keep, layer.weight_oi())[0]
+                x_drop, seed = layer.lora_dropout.with_seed(x2d)
+                dropped_out = layer.dora_dropped(x2d, layer.lora_dropout.p_tensor, seed, layer.weight_oi())[0]
                 base_drop = (base_out - dropped_out) * layer.dora_keep_scale
             else:
                 x_drop = layer.lora_dropout(x2d)
@@ -163,8 +165,9 @@ class LoraLinear(AdoptedLinear):
         if spec.lora_bias:
             self.lora_B_bias = Parameter(initializer("zeros", [self.out_channels], param_dtype),
                                          name="lora_B_bias")
+        self.use_fused_kernel = spec.use_fused_kernel
         self.dropout_active = spec.dropout > 0
-        self.lora_dropout = nn.Dropout(p=spec.dropout) if self.dropout_active else nn.Identity()
+        self.lora_dropout = self._make_dropout(spec)
         self.lora_a_matmul = P.MatMul(transpose_b=True)
         self.lora_b_matmul = P.MatMul(transpose_b=True)
         self.delta_matmul = P.MatMul()  # B (A A^T) in DoRA's norm
@@ -172,12 +175,21 @@ class LoraLinear(AdoptedLinear):
         # before merge() still computes the right thing (a Python flag would be frozen into it).
         self.lora_active = Parameter(Tensor(1.0, mstype.float32), name="lora_active",
                                      requires_grad=False)
-        self.use_fused_kernel = spec.use_fused_kernel
         self.variant = Dora if spec.use_dora else Lora
         self.variant.init(self)
         self._merge_cache = None
         self._setup_fused(spec)
         shard_adapter(self, base)
+
+    def _make_dropout(self, spec):
+        """The input dropout of the composition: the kernels' Philox dropout where it runs (its
+        backward regenerates the mask: none is kept), else MindSpore's ``nn.Dropout``."""
+        if not self.dropout_active:
+            return nn.Identity()
+        from mindformers_lora_ext.kernels import dispatch  # pylint: disable=import-outside-toplevel
+        from mindformers_lora_ext.kernels.layer import PhiloxDropout  # pylint: disable=import-outside-toplevel
+        op, self.dropout_reason = _layer_kernel(self, dispatch.resolve_dropout)
+        return PhiloxDropout(spec.dropout, op) if op is not None else nn.Dropout(p=spec.dropout)
 
     def _setup_fused(self, spec):
         """Use the fused kernel (kernels.FusedLoraMatmul) where ``use_fused_kernel`` and the
@@ -316,8 +328,14 @@ class LoraLinear(AdoptedLinear):
 
 def _dropped_matmul(layer):
     """(DoRA's dropout-correction op for ``layer`` or None, reason): CPU float32 and unsharded."""
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindformers_lora_ext.kernels import dispatch  # pylint: disable=import-outside-toplevel
+    return _layer_kernel(layer, dispatch.resolve_dropped_matmul)
+
+
+def _layer_kernel(layer, resolve):
+    """(``resolve``'s op for ``layer`` or None, reason): only on unsharded, non-mcore bases (the
+    CPU Custom ops have no shard strategy)."""
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
     if layer.parallel:
         # MindSpore 2.9 fails to run a Custom op next to the mcore base's Morph ("The prim is not
         # a PrimitivePy" in CustomInferTypeByPy at run time; tests/test_parallel_linear.py)
@@ -325,7 +343,7 @@ def _dropped_matmul(layer):
     mode = ms.get_auto_parallel_context("parallel_mode")
     if mode not in ("stand_alone", "data_parallel"):
         return None, f"parallel_mode {mode}: the kernel has no shard strategy"
-    return dispatch.resolve_dropped_matmul(layer.use_fused_kernel, layer.compute_dtype)
+    return resolve(layer.use_fused_kernel, layer.compute_dtype)
 
 
 def delta_weight_array(arrays: Dict[str, np.ndarray], scaling: float) -> np.ndarray:

@@ -11,7 +11,8 @@
 // (flat index) is kept iff Philox4x32-10(counter = e / 4, key = seed) word e % 4 >= p * 2^32,
 // and kept values are scaled by 1 / (1 - p). All arithmetic is float32 with float32 accumulation.
 //
-// Entry points (MindSpore AOT ABI): FusedLoraForward / FusedLoraBackward, their *InferShape
+// Entry points (MindSpore AOT ABI): FusedLoraForward / FusedLoraBackward, PhiloxDropoutForward /
+// PhiloxDropoutBackward (the same dropout alone, for the composition), their *InferShape
 // functions (dynamic shapes in graph mode), and a few helpers for Python (ctypes): flk_abi_version,
 // flk_isa, flk_set_isa, flk_philox4x32_10, flk_dropout_mask.
 // The instruction set (AVX-512 / AVX2+FMA / generic) is picked at run time from CPUID; the
@@ -25,15 +26,14 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+
+#include "thread_pool.h"
 
 // GCC 12 reports _mm512_mul_epu32's internal _mm512_undefined operand as maybe-uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #define FLK_API extern "C" __attribute__((visibility("default")))
-#define FLK_ABI_VERSION 3
+#define FLK_ABI_VERSION 4
 
 class AotExtra;  // MindSpore's attribute accessor: unused, only named in the infer signatures
 
@@ -189,13 +189,7 @@ static int current_isa() {
   return isa;
 }
 
-static int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
+static int max_threads() { return flk_pool::max_threads(); }
 
 static void make_keep(const Dropout& d, uint64_t n, uint8_t* keep) {
   switch (current_isa()) {
@@ -204,6 +198,16 @@ static void make_keep(const Dropout& d, uint64_t n, uint8_t* keep) {
     case ISA_AVX2: isa_avx2::make_keep(d, n, keep, max_threads()); break;
 #endif
     default: isa_generic::make_keep(d, n, keep, max_threads()); break;
+  }
+}
+
+static void drop_range(const Dropout& d, uint64_t n, const float* src, float* dst) {
+  switch (current_isa()) {
+#ifdef FLK_X86
+    case ISA_AVX512: isa_avx512::drop_range(d, n, src, dst, max_threads()); break;
+    case ISA_AVX2: isa_avx2::drop_range(d, n, src, dst, max_threads()); break;
+#endif
+    default: isa_generic::drop_range(d, n, src, dst, max_threads()); break;
   }
 }
 
@@ -415,6 +419,79 @@ FLK_API std::vector<std::vector<int64_t>> FusedLoraBackwardInferShape(int* ndims
   for (int i : {1, 3, 4}) res.emplace_back(shapes[i], shapes[i] + ndims[i]);
   return res;
 }
+
+// Dropout alone, for the composition: y = drop(x) with the mask the fused op draws for this seed
+// (same flat element index, so x [N, in] gets the fused op's mask), and the backward
+// dx = drop(dy) regenerates it from the seed: no mask is kept between forward and backward.
+//   forward : x (any shape), p [1], seed [2] int32 -> y (x's shape), seed_out [2] (= seed)
+//   backward: dy, p, seed -> dx, seed_out (a second output: single-output AOT ops fail in MindSpore
+//             2.9's dynamic-shape graphs, see dropped_matmul.cc)
+static int dropout_op(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes) {
+  if (nparam != 5) return flk::ERR_NPARAM;
+  if (!flk::is(dtypes[0], "float32") || !flk::is(dtypes[1], "float32") || !flk::is(dtypes[2], "int32") ||
+      !flk::is(dtypes[3], "float32"))
+    return flk::ERR_DTYPE;
+  const long n = flk::elems(ndims[0], shapes[0]);
+  if (flk::elems(ndims[1], shapes[1]) != 1 || flk::elems(ndims[2], shapes[2]) != 2 ||
+      flk::elems(ndims[3], shapes[3]) != n)
+    return flk::ERR_SHAPE;
+  const float* src = (const float*)params[0];
+  float* dst = (float*)params[3];
+  const float sp[2] = {1.0f, *(const float*)params[1]};
+  flk::Dropout d;
+  bool active = false;
+  const int err = flk::make_dropout(src, sp, (const int32_t*)params[2], &d, &active);
+  if (err) return err;
+  if (!active) {
+    if (dst != src) memcpy(dst, src, sizeof(float) * (size_t)n);
+    return flk::OK;
+  }
+  flk::drop_range(d, (uint64_t)n, src, dst);
+  return flk::OK;
+}
+
+FLK_API int PhiloxDropoutForward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
+                                 void* stream, void* extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam == 5 && (!flk::is(dtypes[4], "int32") || flk::elems(ndims[4], shapes[4]) != 2)) return flk::ERR_SHAPE;
+  const int err = dropout_op(nparam, params, ndims, shapes, dtypes);
+  if (!err) memcpy(params[4], params[2], 2 * sizeof(int32_t));
+  return err;
+}
+
+FLK_API std::vector<std::vector<int64_t>> PhiloxDropoutForwardInferShape(int* ndims, int64_t** shapes, AotExtra* extra) {
+  (void)extra;
+  return {std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]), {2}};
+}
+
+FLK_API int PhiloxDropoutBackward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
+                                  void* stream, void* extra) {
+  (void)stream;
+  (void)extra;
+  return PhiloxDropoutForward(nparam, params, ndims, shapes, dtypes, stream, extra);
+}
+
+FLK_API std::vector<std::vector<int64_t>> PhiloxDropoutBackwardInferShape(int* ndims, int64_t** shapes, AotExtra* extra) {
+  return PhiloxDropoutForwardInferShape(ndims, shapes, extra);
+}
+
+namespace flk {
+// keep[e] = 1 if element e of an x dropped with (p, seed) is kept, else 0: the mask the fused op and
+// PhiloxDropout apply (DoRA's dropped-element kernel, dropped_matmul.cc, regenerates it with this).
+int keep_flags(float p, const int32_t* seed, uint64_t n, uint8_t* keep) {
+  const float sp[2] = {1.0f, p};
+  Dropout d;
+  bool active = false;
+  if (const int err = make_dropout(0, sp, seed, &d, &active)) return err;
+  if (!active) {
+    memset(keep, 1, (size_t)n);
+    return OK;
+  }
+  make_keep(d, n, keep);
+  return OK;
+}
+}  // namespace flk
 
 // ------------------------------------------------------------------ helpers for Python (ctypes)
 FLK_API int flk_abi_version() { return FLK_ABI_VERSION; }
