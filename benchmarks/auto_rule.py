@@ -2,13 +2,16 @@
 from whole training steps, fused kernel vs the MindSpore composition, side by side in one run.
 
 For each ``--sizes`` Llama of ``step_time.py`` (hidden h, 4 layers, seq 256, batch 2: q/k/v/o are
-h x h layers) it times ``lora_ext_fused`` (``use_fused_kernel: true``) and ``lora_ext_no_kernel``
-(``false``) with ``step_time.py``'s runner: fresh interpreters, the setups interleaved over
+h x h layers) it times ``lora_ext_fused`` (``use_fused_kernel: true``) and ``lora_ext_composition``
+(``auto`` where the rule never picks the fused op: what ``auto`` runs otherwise, the composition
+with the kernels' dropout) with ``step_time.py``'s runner: fresh interpreters, the setups interleaved over
 ``--rounds``, the stock trainer's wrapper and optimizer, the best round's median step. Then,
 for the instruction set the kernel library runs on this machine (``flk_isa``), it writes the
 smallest h x h from which the fused step was at most ``--goal`` (0.95) times the composition's at
 that and every larger measured size, none of them noisy; or null (never). The entries of other
-instruction sets in the file are kept. ``--dry-run`` prints without writing.
+instruction sets in the file are kept. ``--dry-run`` prints without writing; ``--output PATH``
+writes (or updates) another file, e.g. for a read-only install: point
+``MINDFORMERS_LORA_EXT_CPU_AUTO_RULE`` at it.
 
     python benchmarks/auto_rule.py                           # small,s3, dropout 0.05, 3 rounds
     python benchmarks/auto_rule.py --sizes s3 --rounds 2 --dry-run
@@ -28,7 +31,7 @@ import step_time  # pylint: disable=import-error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULE_FILE = os.path.join(ROOT, "mindformers_lora_ext", "kernels", "cpu_auto_rule.json")
-FUSED, COMPOSITION = "lora_ext_fused", "lora_ext_no_kernel"
+FUSED, COMPOSITION = "lora_ext_fused", "lora_ext_composition"
 
 
 def machine_isa():
@@ -70,6 +73,7 @@ def main(argv=None):
     parser.add_argument("--goal", type=float, default=0.95, help="fused / composition at most this")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--dry-run", action="store_true", help="print the rule, do not write the file")
+    parser.add_argument("--output", default=RULE_FILE, help="the rule file to write (default: the package's)")
     args = parser.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s]
     bad = [s for s in sizes if s not in step_time.SIZES]
@@ -105,15 +109,16 @@ def main(argv=None):
     print(f"rule for {isa}: " + ("never fused" if threshold is None else f"fused from {threshold} weight elements"))
     if args.dry_run:
         return 0
-    with open(RULE_FILE, encoding="utf-8") as handle:
+    source = args.output if os.path.exists(args.output) else RULE_FILE
+    with open(source, encoding="utf-8") as handle:
         table = json.load(handle)
     table["isa"][isa] = {"min_weight_elements": threshold, "goal": args.goal, "cpu": cpu_model(),
                          "measured": datetime.date.today().isoformat(), "rows": rows}
-    with open(RULE_FILE + ".tmp", "w", encoding="utf-8") as handle:
+    with open(args.output + ".tmp", "w", encoding="utf-8") as handle:
         json.dump(table, handle, indent=1)
         handle.write("\n")
-    os.replace(RULE_FILE + ".tmp", RULE_FILE)
-    print(f"wrote {RULE_FILE}")
+    os.replace(args.output + ".tmp", args.output)
+    print(f"wrote {args.output}")
     return 0
 
 

@@ -646,6 +646,23 @@ def test_cpu_auto_rule_file_names_only_measured_instruction_sets():
     assert dispatch.cpu_auto_rule() == {isa: entry["min_weight_elements"] for isa, entry in table.items()}
 
 
+def test_cpu_auto_rule_file_from_the_environment(tmp_path, monkeypatch):
+    """MINDFORMERS_LORA_EXT_CPU_AUTO_RULE names a rule file measured on this machine (auto_rule.py
+    --output); a file that is not one fails with the variable and the path in the message."""
+    mine = tmp_path / "rule.json"
+    mine.write_text(json.dumps({"isa": {"avx2": {"min_weight_elements": 4096}, "generic": {"min_weight_elements": None}}}))
+    monkeypatch.setenv(dispatch.ENV_CPU_AUTO_RULE, str(mine))
+    assert dispatch.cpu_auto_rule_file() == str(mine)
+    assert dispatch.cpu_auto_rule() == {"avx2": 4096, "generic": None}
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    monkeypatch.setenv(dispatch.ENV_CPU_AUTO_RULE, str(broken))
+    with pytest.raises(ValueError, match=f"{dispatch.ENV_CPU_AUTO_RULE} .*broken.json"):
+        dispatch.cpu_auto_rule()
+    monkeypatch.delenv(dispatch.ENV_CPU_AUTO_RULE)
+    assert dispatch.cpu_auto_rule_file() == dispatch.CPU_AUTO_RULE_FILE
+
+
 @needs_cxx
 def test_cpu_auto_follows_the_whole_step_rule(fresh_dispatch, warnings_log, monkeypatch):
     """auto on CPU: fused only for an instruction set and size the rule names; no build at all

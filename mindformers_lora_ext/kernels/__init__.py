@@ -13,7 +13,8 @@ Modules: ``build`` (compile cache, standard library only), ``cpu_ops`` (the ops.
 
 CPU kernel threads: a small pool of the library's own (``cpu/thread_pool.h``) whose idle workers
 sleep, so they do not take the cores MindSpore's next ops need (libgomp's spin did); its size is
-``OMP_NUM_THREADS`` if set, else the CPUs the process may use. With several training processes
+``MINDFORMERS_LORA_EXT_CPU_THREADS``, else ``OMP_NUM_THREADS`` if set, else the CPUs the process
+may use. With several training processes
 per machine (msrun) give each its share.
 The instruction set is chosen at run time (``MINDFORMERS_LORA_EXT_CPU_ISA=avx2|generic`` forces
 a lower one). Environment: ``MINDFORMERS_LORA_EXT_KERNEL_CACHE`` (cache root),

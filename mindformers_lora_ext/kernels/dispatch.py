@@ -16,11 +16,12 @@ The rule, by device and compute dtype:
   (``benchmarks/fused_kernel.py``) does not predict the step: the op won alone (fwd+bwd 0.82-0.98x
   the composition, AVX-512) yet whole Llama steps took 1.27x (h512) and 0.995-1.07x (h1024, AVX2)
   the composition's time. So :data:`CPU_AUTO_RULE_FILE` (``cpu_auto_rule.json``, written by
-  ``benchmarks/auto_rule.py`` from whole training steps, fused vs composition, side by side) gives
-  per instruction set the smallest in x out from which the fused step was at most 0.95x the
-  composition's at every measured size, or null: never. An instruction set the file does not
-  name (not measured) gets the composition. The library is not even built while no measured
-  instruction set picks the fused op for a layer of this size.
+  ``benchmarks/auto_rule.py`` from whole training steps, fused vs what ``auto`` runs otherwise
+  (the composition with the kernels' dropout), side by side) gives per instruction set the
+  smallest in x out from which the fused step was at most 0.95x the composition's at every
+  measured size, or null: never. An instruction set the file does not name (not measured) gets
+  the composition. ``$MINDFORMERS_LORA_EXT_CPU_AUTO_RULE`` names a rule file measured on your
+  machine instead (``auto_rule.py --output``).
 * CPU float16/bfloat16: composition (the CPU kernel is float32 only).
 * Ascend float32/float16/bfloat16: fused when ``kernels.ascend`` is available and builds;
   that module owns the decision (``is_available()``).
@@ -32,8 +33,9 @@ took 2.3-2.5 ms for a [512, 512] input against 0.6-0.7 ms, and keeps a mask for 
 this regenerates it); ``False`` keeps ``nn.Dropout``. The library is built for it.
 
 DoRA's dropout correction (:func:`resolve_dropped_matmul`, ``cpu/dropped_matmul.cc``) follows the
-same key, but only ``True`` uses it (CPU float32): in whole training steps it was slower than the
-second matmul (1.37x at h512, 1.10x at h1024, dropout 0.05), though faster in isolation.
+same key, but only ``True`` uses it (CPU float32): in whole training steps it was not faster than
+the second matmul (h512 585.7 vs 610.1 ms, a noisy round; h1024 1451.2 vs 1443.6 ms; dropout
+0.05, ``step_time.py --setups dora,dora_fused``), though faster in isolation.
 
 Failures never stop training: a compiler error, a library that does not load or an op that
 cannot be constructed logs ONE warning per (device, reason) on the ``mindformers_lora_ext.kernels``
@@ -187,15 +189,31 @@ def build_backend(device: str) -> Backend:
 
 
 CPU_AUTO_RULE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_auto_rule.json")
+ENV_CPU_AUTO_RULE = "MINDFORMERS_LORA_EXT_CPU_AUTO_RULE"  # a rule file of your machine's instead
+
+
+def cpu_auto_rule_file() -> str:
+    """The rule file in force: ``$MINDFORMERS_LORA_EXT_CPU_AUTO_RULE`` (e.g. written by
+    ``benchmarks/auto_rule.py --output`` on this machine) if set, else :data:`CPU_AUTO_RULE_FILE`."""
+    return os.environ.get(ENV_CPU_AUTO_RULE) or CPU_AUTO_RULE_FILE
 
 
 @lru_cache(maxsize=None)
+def _read_rule(path: str) -> Dict[str, Optional[int]]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            table = json.load(handle)["isa"]
+        return {isa: entry["min_weight_elements"] for isa, entry in table.items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{ENV_CPU_AUTO_RULE if path != CPU_AUTO_RULE_FILE else 'CPU auto rule'} "
+                         f"{path!r} is not a readable rule file like {CPU_AUTO_RULE_FILE} "
+                         f"({type(exc).__name__}: {exc})") from exc
+
+
 def cpu_auto_rule() -> Dict[str, Optional[int]]:
     """Instruction set -> the smallest in x out where CPU ``auto`` picks the fused kernel (None:
-    never), from :data:`CPU_AUTO_RULE_FILE` (module docstring)."""
-    with open(CPU_AUTO_RULE_FILE, encoding="utf-8") as handle:
-        table = json.load(handle)["isa"]
-    return {isa: entry["min_weight_elements"] for isa, entry in table.items()}
+    never), from :func:`cpu_auto_rule_file` (module docstring)."""
+    return _read_rule(cpu_auto_rule_file())
 
 
 def _cpu_auto_refusal(weight_elements: Optional[int], isa: Optional[str] = None) -> Optional[str]:
@@ -207,10 +225,10 @@ def _cpu_auto_refusal(weight_elements: Optional[int], isa: Optional[str] = None)
     where = f"on {isa}" if isa else "on any instruction set"
     if not thresholds:
         return (f"auto rule: whole training steps measured no win of the fused kernel {where} "
-                f"({os.path.basename(CPU_AUTO_RULE_FILE)}, benchmarks/auto_rule.py)")
+                f"({cpu_auto_rule_file()}, benchmarks/auto_rule.py)")
     if weight_elements is not None and weight_elements < min(thresholds):
         return (f"auto rule: the composition is faster for {weight_elements} weight elements {where} "
-                f"(fused from {min(thresholds)}; {os.path.basename(CPU_AUTO_RULE_FILE)})")
+                f"(fused from {min(thresholds)}; {cpu_auto_rule_file()})")
     return None
 
 
@@ -259,34 +277,31 @@ def resolve_dropout(use_fused="auto", dtype=mstype.float32, device: Optional[str
     under ``auto`` and ``True``; None means MindSpore's ``nn.Dropout``. A failed build falls back
     with one warning."""
     use_fused = check_use_fused(use_fused)
-    device = device or current_device()
     if use_fused is False:
         return None, "use_fused_kernel is False"
-    if device != "CPU" or dtype_name(dtype) != "float32":
-        return None, f"no dropout kernel for {dtype_name(dtype)} on {device}"
-    backend, reason = _built(device)
-    if backend is None:
-        return None, reason
-    if backend.dropout is None:
-        return None, f"no dropout kernel in the {backend.name} backend"
-    return backend.dropout, "fused"
+    return _cpu_op("dropout", "dropout kernel", dtype, device or current_device())
 
 
 def resolve_dropped_matmul(use_fused="auto", dtype=mstype.float32, device: Optional[str] = None):
     """(DoRA's dropout-correction op or None, reason); see ``tuners/lora.py`` (Dora). Only
     ``use_fused_kernel: true`` uses it (CPU float32; a failed build falls back with one warning):
-    "auto" does not, since whole steps measured slower with it (module docstring)."""
+    "auto" does not, since whole steps measured no faster with it (module docstring)."""
     use_fused = check_use_fused(use_fused)
-    device = device or current_device()
     if use_fused is False:
         return None, "use_fused_kernel is False"
-    if use_fused == "auto":  # step_time.py --dropout 0.05: whole steps 1.37x (h512), 1.10x (h1024)
-        return None, "auto rule: the second matmul was faster in whole training steps"
+    if use_fused == "auto":  # step_time.py --dropout 0.05: whole steps 0.96x (noisy) / 1.005x the matmul
+        return None, "auto rule: whole training steps were no faster with it than with the second matmul"
+    return _cpu_op("dropped_matmul", "DoRA dropout kernel", dtype, device or current_device())
+
+
+def _cpu_op(attr: str, what: str, dtype, device: str):
+    """(the CPU backend's ``attr`` op or None, reason): float32 on CPU only, built on first use."""
     if device != "CPU" or dtype_name(dtype) != "float32":
-        return None, f"no DoRA dropout kernel for {dtype_name(dtype)} on {device}"
+        return None, f"no {what} for {dtype_name(dtype)} on {device}"
     backend, reason = _built(device)
     if backend is None:
         return None, reason
-    if backend.dropped_matmul is None:
-        return None, f"no DoRA dropout kernel in the {backend.name} backend"
-    return backend.dropped_matmul, "fused"
+    op = getattr(backend, attr)
+    if op is None:
+        return None, f"no {what} in the {backend.name} backend"
+    return op, "fused"

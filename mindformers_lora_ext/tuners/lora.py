@@ -70,10 +70,11 @@ class Dora(Lora):
     - the norm is ||W||^2_row + 2s rowsum(B * (W A^T)) + s^2 rowsum(B * (B (A A^T))) (float32,
       from the live W every step, so a reloaded base weight is never seen stale): [out, r]
       products instead of forming W + sBA [out, in];
-    - under dropout (training), drop(x) W^T = k (x W^T - z), k = 1/(1 - p), z = (x * dropped) W^T
-      over the dropped elements only (kernels ``dropped_matmul``, a fraction p of a matmul) where
-      that kernel runs (CPU float32, unsharded, Dense/Linear bases); else a second full matmul of
-      drop(x) (mcore bases, Ascend, other dtypes, ``use_fused_kernel: false``).
+    - under dropout (training), with ``use_fused_kernel: true``: drop(x) W^T = k (x W^T - z),
+      k = 1/(1 - p), z = (x * dropped) W^T over the dropped elements only (kernels
+      ``dropped_matmul``, a fraction p of a matmul; it regenerates ``PhiloxDropout``'s mask from
+      its seed) where that kernel runs (CPU float32, unsharded, Dense/Linear bases); else (and
+      under ``auto``, where whole steps were no faster with it) a second matmul of drop(x).
     """
 
     extra_parameters = ("lora_magnitude_vector",)

@@ -8,9 +8,9 @@
 // variable. Setting OMP_WAIT_POLICY for the user is not an option: it changes every OpenMP user
 // in the process.
 //
-// Threads: OMP_NUM_THREADS when set (the usual knob for CPU kernels), else the CPUs this process
-// may run on. A call made while another thread's call owns the pool runs on its caller alone
-// (MindSpore may launch two kernels at once; neither waits, the cores are not oversubscribed).
+// Threads: MINDFORMERS_LORA_EXT_CPU_THREADS, else OMP_NUM_THREADS when set (the usual knob for CPU
+// kernels), else the CPUs this process may run on. A call made while another thread's call owns
+// the pool runs on its caller alone (MindSpore may launch two kernels at once; neither waits).
 // The pool is re-created in a forked child (its workers do not exist there).
 #ifndef MINDFORMERS_LORA_EXT_THREAD_POOL_H_
 #define MINDFORMERS_LORA_EXT_THREAD_POOL_H_
@@ -44,11 +44,13 @@ inline void cpu_relax() {
 #endif
 }
 
-// Threads a parallel region may use (>= 1): OMP_NUM_THREADS's first value, else the CPU count.
+// Threads a parallel region may use (>= 1): MINDFORMERS_LORA_EXT_CPU_THREADS, else
+// OMP_NUM_THREADS's first value, else the CPU count.
 inline int max_threads() {
   static const int n = [] {
-    const char* env = getenv("OMP_NUM_THREADS");
-    if (env && *env) {
+    for (const char* name : {"MINDFORMERS_LORA_EXT_CPU_THREADS", "OMP_NUM_THREADS"}) {
+      const char* env = getenv(name);
+      if (!env || !*env) continue;
       const long v = strtol(env, 0, 10);
       if (v >= 1) return (int)(v < 1024 ? v : 1024);
     }
