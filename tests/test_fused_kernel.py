@@ -408,6 +408,20 @@ def test_function_3d_input_and_seed_argument(mode, lib_path):
 
 
 @needs_cxx
+def test_function_seeds_follow_set_seed(lib_path):
+    """fused_lora without a seed: fresh masks per call, the same sequence after mindspore.set_seed."""
+    x = Tensor(np.ones((16, 32), np.float32))
+    _, w, a, b, _ = random_problem(1, 32, 4, 2)
+    runs = []
+    for _ in range(2):
+        ms.set_seed(4)
+        layer._FUNCTIONAL.reset()
+        runs.append([fused_lora(x, Tensor(w), Tensor(a), Tensor(b), 1.0, dropout=0.5).asnumpy() for _ in range(2)])
+    assert (runs[0][0] != runs[0][1]).any()
+    np.testing.assert_array_equal(runs[1], runs[0])
+
+
+@needs_cxx
 def test_dynamic_shape_graph_mode(lib_path):
     """set_inputs with a None dimension: one graph, two different N, forward and gradients."""
     d_in, d_out, rank = 24, 10, 4

@@ -140,8 +140,8 @@ class _Functional:
     def __init__(self):
         self._backend = None
         self._resolved = False
+        self._seed_op = None
         self.concat = P.Concat()
-        self.seed_op = P.UniformInt()
         self.seed_low = Tensor(0, mstype.int32)
         self.seed_high = Tensor(_INT32_MAX, mstype.int32)
         self.matmul = P.MatMul(transpose_b=True)
@@ -157,9 +157,17 @@ class _Functional:
             self._resolved = True
         return self._backend
 
+    @property
+    def seed_op(self):
+        """The seed op, made on first use: after the user's ``mindspore.set_seed``, which it follows."""
+        if self._seed_op is None:
+            self._seed_op = _seed_op()
+        return self._seed_op
+
     def reset(self):
         self._resolved = False
         self._backend = None
+        self._seed_op = None
 
 
 _FUNCTIONAL = _Functional()
