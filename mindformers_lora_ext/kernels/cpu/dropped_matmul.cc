@@ -280,6 +280,18 @@ static float count_dropped(const uint8_t* keep, long n) {
   return (float)c;
 }
 
+// Both ops: x's keep flags from (p, seed) = params[1], params[2], then run(keep), then the
+// dropped count into the last output (params[5]).
+template <class Run>
+static int with_keep(void** params, long N, long in, Run run) {
+  int err = 0;
+  const uint8_t* keep = fdm::keep_flags(params[1], params[2], N * in, &err);
+  if (err) return err;
+  run(keep);
+  *(float*)params[5] = count_dropped(keep, N * in);
+  return fdm::OK;
+}
+
 // params: x [N, in], p [1], seed [2], W [out, in] | z [N, out], dropped [1]
 FLK_API int DroppedMatmulForward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                                  void* stream, void* extra) {
@@ -288,12 +300,9 @@ FLK_API int DroppedMatmulForward(int nparam, void** params, int* ndims, int64_t*
   if (const int err = fdm::check_args(nparam, ndims, shapes, dtypes)) return err;
   const long N = shapes[0][0], in = shapes[0][1], out = shapes[3][0];
   if (shapes[3][1] != in || shapes[4][0] != N || shapes[4][1] != out) return fdm::ERR_SHAPE;
-  int err = 0;
-  const uint8_t* keep = fdm::keep_flags(params[1], params[2], N * in, &err);
-  if (err) return err;
-  fdm::forward((const float*)params[0], keep, (const float*)params[3], N, in, out, (float*)params[4]);
-  *(float*)params[5] = count_dropped(keep, N * in);
-  return fdm::OK;
+  return with_keep(params, N, in, [&](const uint8_t* keep) {
+    fdm::forward((const float*)params[0], keep, (const float*)params[3], N, in, out, (float*)params[4]);
+  });
 }
 
 FLK_API std::vector<std::vector<int64_t>> DroppedMatmulForwardInferShape(int* ndims, int64_t** shapes,
@@ -312,12 +321,9 @@ FLK_API int DroppedMatmulBackward(int nparam, void** params, int* ndims, int64_t
   if (const int err = fdm::check_args(nparam, ndims, shapes, dtypes)) return err;
   const long N = shapes[0][0], out = shapes[3][0], in = shapes[3][1];
   if (shapes[0][1] != out || shapes[4][0] != N || shapes[4][1] != in) return fdm::ERR_SHAPE;
-  int err = 0;
-  const uint8_t* keep = fdm::keep_flags(params[1], params[2], N * in, &err);
-  if (err) return err;
-  fdm::backward((const float*)params[0], keep, (const float*)params[3], N, in, out, (float*)params[4]);
-  *(float*)params[5] = count_dropped(keep, N * in);
-  return fdm::OK;
+  return with_keep(params, N, in, [&](const uint8_t* keep) {
+    fdm::backward((const float*)params[0], keep, (const float*)params[3], N, in, out, (float*)params[4]);
+  });
 }
 
 FLK_API std::vector<std::vector<int64_t>> DroppedMatmulBackwardInferShape(int* ndims, int64_t** shapes,
