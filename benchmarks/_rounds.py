@@ -102,19 +102,20 @@ def print_table(runs, key_names):
     """``runs``: {key: [result or None per round]} in table order; ``key_names``: the header of
     the key's columns (left-aligned), e.g. ("size", "setup")."""
     header = tuple(key_names) + ("trainable", "total", "compile+1st s", "median ms/step",
-                                 "p10-p90 ms", "round medians", "steps", "peak RSS MB",
+                                 "p10-p90 ms", "round medians", "CPU ms/step", "steps", "peak RSS MB",
                                  "loss first->last")
     rows = []
     for key, rounds in runs.items():
         res = best_round(rounds)
         if res is None:
-            rows.append(key + ("-", "-", "-", "FAILED", "-", "failed", "-", "-", "-"))
+            rows.append(key + ("-", "-", "-", "FAILED", "-", "failed", "-", "-", "-", "-"))
             continue
         note = f" ({res['skipped']} skipped)" if res["skipped"] else ""
         rows.append(key + (f"{res['trainable']:,}", f"{res['total']:,}",
                            f"{res['first_step_s']:.1f}", f"{res['median_ms']:.1f}",
                            f"{res['p10_ms']:.1f}-{res['p90_ms']:.1f}",
                            res["rounds_text"] + (" noisy" if res["noisy"] else ""),
+                           f"{res['median_cpu_ms']:.1f}" if "median_cpu_ms" in res else "-",
                            f"{res['steps']}{note}", f"{res['peak_rss_mb']:.0f}",
                            f"{res['loss_first']:.3f}->{res['loss_last']:.3f}"))
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
@@ -125,20 +126,24 @@ def print_table(runs, key_names):
         print(line.format(*row))
 
 
-def print_ratios(runs, goals, prefix_widths, name_width, note=""):
+def print_ratios(runs, goals, prefix_widths, name_width, note="", field="median_ms",
+                 what="median step time"):
     """For each key prefix of ``runs`` (in table order) and each goal (numerator, denominator,
-    bound or None) of ``goals`` whose two setups have a result, the ratio of their best medians
-    with a PASS/FAIL mark against the bound ("report" without one), ``(noisy)`` when either
-    setup is. ``prefix_widths``: the width of each prefix column; ``name_width``: of the
-    "numerator/denominator" column; ``note`` ends the heading. Returns the number of ratios
-    printed."""
+    bound or None[, the key parts it is for, e.g. sizes]) of ``goals`` whose two setups have a result, the ratio of their best rounds'
+    ``field`` (``what`` in the heading) with a PASS/FAIL mark against the bound ("report"
+    without one), ``(noisy)`` when either setup is. ``prefix_widths``: the width of each prefix
+    column; ``name_width``: of the "numerator/denominator" column; ``note`` ends the heading.
+    Returns the number of ratios printed."""
     best = {key: best_round(rounds) for key, rounds in runs.items()}
-    median = {key: res["median_ms"] for key, res in best.items() if res is not None}
+    median = {key: res[field] for key, res in best.items() if res is not None}
     noisy = {key for key, res in best.items() if res is not None and res["noisy"]}
-    print(f"\nratios of median step time (goal: numerator <= bound x denominator{note})")
+    print(f"\nratios of {what} (goal: numerator <= bound x denominator{note})")
     shown = 0
     for prefix in dict.fromkeys(key[:-1] for key in runs):
-        for num, den, bound in goals:
+        for goal in goals:
+            num, den, bound = goal[:3]
+            if len(goal) > 3 and not set(prefix) & set(goal[3]):  # a goal for some sizes only
+                continue
             key_n, key_d = prefix + (num,), prefix + (den,)
             if key_n not in median or key_d not in median:
                 continue

@@ -81,11 +81,13 @@ def build_train_step(config, total_steps: int, threads: int = 0, construct_args_
 def time_steps(wrapper, input_ids, labels, warmup: int, total_steps: int) -> dict:
     """Run ``total_steps`` steps of ``wrapper(input_ids, labels)``, each synchronised on its
     loss; the first ``warmup`` are untimed (the first compiles). Returns the first step's
-    seconds, the median / p10 / p90 ms of the timed steps, their count, the steps the overflow
+    seconds, the median / p10 / p90 ms of the timed steps, the median CPU ms of the process per
+    step (all its threads: time the host gave to other guests is not in it, so it is steadier
+    on a shared machine than the wall time, though not a substitute for it), their count, the steps the overflow
     check skipped, the first and last loss and the process's peak RSS (MB)."""
-    times, losses, skipped, first = [], [], 0, None
+    times, cpu_times, losses, skipped, first = [], [], [], 0, None
     for step in range(total_steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = wrapper(input_ids, labels)
         loss = float(out[0].asnumpy().reshape(-1)[0])  # waits for the step
         elapsed = time.perf_counter() - start
@@ -93,12 +95,14 @@ def time_steps(wrapper, input_ids, labels, warmup: int, total_steps: int) -> dic
             first = elapsed
         if step >= warmup:
             times.append(elapsed * 1e3)
+            cpu_times.append((time.process_time() - cpu_start) * 1e3)
             skipped += int(bool(out[1].asnumpy()))
         losses.append(loss)
     times_sorted = sorted(times)
     return {
         "first_step_s": first,
         "median_ms": statistics.median(times),
+        "median_cpu_ms": statistics.median(cpu_times),
         "p10_ms": times_sorted[int(0.1 * (len(times) - 1))],
         "p90_ms": times_sorted[int(round(0.9 * (len(times) - 1)))],
         "steps": len(times), "skipped": skipped,

@@ -44,7 +44,7 @@ def _setup_context():
 def _nets(ms, n, d_in, d_out, rank, dropout):
     """dense / comp / fused cells, each with (fwd, fwd+bwd) callables."""
     # pylint: disable=import-outside-toplevel
-    from mindspore import Parameter, Tensor, nn, ops
+    from mindspore import Parameter, Tensor, nn
     from mindspore.ops import operations as P
     from mindformers_lora_ext.kernels import FusedLoraMatmul
 

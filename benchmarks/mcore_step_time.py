@@ -58,6 +58,9 @@ prints its last lines and the run goes on. Default invocation: 28 fresh processe
 one's time being import + graph compile (10-30 s); estimated at 8-10 minutes on 2 idle CPU cores
 from single runs timed on a busy machine (about 12 minutes there).
 
+``benchmarks/step_time.py --models qwen3`` runs this script's child (``run_child``) for its Qwen3
+rows, beside the Llama ones, with its own ``--dropout`` and kernel settings (``extra``).
+
     python benchmarks/mcore_step_time.py                       # both models, tiny and small
     python benchmarks/mcore_step_time.py --models qwen3_moe --sizes small --rounds 3 --threads 1
 """
@@ -94,8 +97,13 @@ SIZES = {
                         "seq_length": 256, "max_position_embeddings": 256, "vocab_size": 4096},
               "moe": {"moe_intermediate_size": 256, "num_experts": 8, "num_experts_per_tok": 2},
               "batch_size": 2},
+    "s3": {"model": {"hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
+                     "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 2816,
+                     "seq_length": 256, "max_position_embeddings": 256, "vocab_size": 4096},
+           "moe": {"moe_intermediate_size": 512, "num_experts": 8, "num_experts_per_tok": 2},
+           "batch_size": 2},
 }
-DEFAULT_STEPS = {"tiny": 20, "small": 8}  # timed steps when --steps is not given
+DEFAULT_STEPS = {"tiny": 20, "small": 8, "s3": 6}  # timed steps when --steps is not given
 # (numerator, denominator, bound): "numerator <= bound x denominator" is the goal; None: report only
 GOALS = (("lora_ext", "lora", 1.0), ("dora", "lora_ext", 1.15), ("lora_ext_experts", "lora_ext", None),
          ("lora_ext_per_module", "lora_ext", None))
@@ -103,11 +111,13 @@ GOALS = (("lora_ext", "lora", 1.0), ("dora", "lora_ext", 1.15), ("lora_ext_exper
 
 # ----------------------------------------------------------------------------- child side
 
-def _pet_config(setup):
-    common = {"lora_rank": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0}
+def _pet_config(setup, dropout=0.0, extra=None):
+    """The pet_config of ``setup``; ``extra``: more keys for ours (e.g. use_fused_kernel)."""
+    common = {"lora_rank": RANK, "lora_alpha": ALPHA, "lora_dropout": dropout}
     if setup == "lora":  # stock: a regex (re.match); mcore PetModel freezes by these globs only
         return dict(common, pet_type="lora", target_modules="|".join(f".*{t}" for t in ATTENTION),
                     freeze_include=["*"], freeze_exclude=["*lora*"])
+    common.update(extra or {})
     if setup == "lora_ext_experts":
         return dict(common, pet_type="lora_ext", target_modules=list(EXPERTS))
     if setup == "lora_ext_per_module":  # q, k, v adapters of their own inside linear_qkv, as HF trains them
@@ -162,7 +172,7 @@ def run_child(spec):
         config.runner_config.batch_size = config.train_dataset.batch_size = dims["batch_size"]
     if list(config.train_dataset.input_columns) != INPUT_COLUMNS:
         raise RuntimeError(f"input_columns {config.train_dataset.input_columns}, expected {INPUT_COLUMNS}")
-    pet_config = _pet_config(setup)
+    pet_config = _pet_config(setup, spec.get("dropout", 0.0), spec.get("extra"))
     if not is_supported_pet_type(pet_config["pet_type"]):
         raise RuntimeError(f"pet_type {pet_config['pet_type']!r} is not registered: "
                            "is mindformers-lora-ext installed?")

@@ -172,6 +172,19 @@ def test_gradients_match_numpy(use_dora, fused):
     np.testing.assert_allclose(dx.asnumpy(), gc @ w + s * (gc @ b) @ a, **TOL)
 
 
+@pytest.mark.usefixtures("pynative")
+def test_lora_path_row_scale_scales_every_output_feature():
+    """DoRA's c (s x A^T B^T + s b) goes through B's rows and the bias: lora_path(x, c)."""
+    layer = LoraLinear(nn.Dense(7, 5, has_bias=True), spec(lora_rank=2, lora_alpha=3.0, lora_bias=True))
+    arr = randomize(layer)
+    x = RNG.standard_normal((6, 7)).astype(np.float32)
+    c = RNG.uniform(0.5, 2.0, 5).astype(np.float32)
+    out = layer.lora_path(Tensor(x), row_scale=Tensor(c)).asnumpy()
+    s = 1.5
+    expected = (s * x.astype(np.float64) @ arr["lora_A"].T @ arr["lora_B"].T + s * arr["lora_B_bias"]) * c
+    np.testing.assert_allclose(out, expected, **TOL)
+
+
 @pytest.mark.parametrize("variant", ["lora", "dora", "lora_bias"])
 @pytest.mark.parametrize("make", BASES.values(), ids=BASES.keys())
 def test_merge_then_unmerge(make, variant):

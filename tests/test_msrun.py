@@ -28,7 +28,9 @@ def dataset(tmp_path_factory):
     return write_tiny_dataset(str(path), num_rows=64, seq_length=32, vocab_size=128)
 
 
-@pytest.mark.parametrize("name", ["lora_ext", "dora", "adalora", "eva"])
+# dora is left out for CI time: its magnitude vector is all-reduced as any trainable parameter
+# is, and its layer runs the same dropout and kernels as lora_ext's under data_parallel.
+@pytest.mark.parametrize("name", ["lora_ext", "adalora", "eva"])
 def test_two_worker_data_parallel(tmp_path, dataset, name):
     """adalora: the rank allocator on each worker reads the all-reduced gradient taps, so both
     prune the same triplets (else the checksums below would differ). eva: each worker reads its

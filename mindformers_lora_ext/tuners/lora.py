@@ -126,7 +126,8 @@ class Dora(Lora):
             x_drop = x2d
         norm = layer.cast(Dora.weight_norm(layer), layer.compute_dtype)
         scale = layer.cast(layer.lora_magnitude_vector, layer.compute_dtype) / norm
-        return (scale - 1) * layer.active() * base_drop + scale * layer.lora_path(x_drop)
+        # c (s x A^T B^T) = s x A^T (c B)^T: c scales B's [out, r] rows, not an [N, out] output
+        return (scale - 1) * layer.active() * base_drop + layer.lora_path(x_drop, row_scale=scale)
 
     @staticmethod
     def merge(weight, delta_weight, params):
@@ -223,14 +224,19 @@ class LoraLinear(AdoptedLinear):
         b = self.cast(self.lora_B, self.compute_dtype)
         return b if self.block_mask is None else b * self.block_mask
 
-    def lora_path(self, x2d):
-        """s * (x A^T) B^T [+ s * b_B] for ``x2d`` [N, in] -> [N, out]."""
+    def lora_path(self, x2d, row_scale=None):
+        """s * (x A^T) B^T [+ s * b_B] for ``x2d`` [N, in] -> [N, out]; ``row_scale`` [out]
+        (compute dtype) multiplies each output feature, through B's rows."""
         scaling = self.active() * self.scaling
         # s scales h [N, r], not y [N, out]: r/out of the elementwise work, forward and backward
         h = self.lora_a_matmul(x2d, self.cast(self.lora_A, self.compute_dtype)) * scaling
-        y = self.lora_b_matmul(h, self.b_matrix())
+        b = self.b_matrix()
+        if row_scale is not None:
+            b = b * F.expand_dims(row_scale, 1)
+        y = self.lora_b_matmul(h, b)
         if self.use_lora_bias:
-            y = y + self.cast(self.lora_B_bias, self.compute_dtype) * scaling
+            bias = self.cast(self.lora_B_bias, self.compute_dtype) * scaling
+            y = y + (bias if row_scale is None else bias * row_scale)
         return y
 
     def delta(self, x2d, base_out):
