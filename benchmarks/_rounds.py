@@ -9,6 +9,7 @@ retried in the next round) uses ``run_fresh`` and ``rotated``.
 A run is named by its key, a tuple that ends with the setup: ``(size, setup)`` in
 ``step_time.py``, ``(model, size, setup)`` in ``mcore_step_time.py``; the key without the setup
 (its prefix) names the group whose setups take turns in each round."""
+import argparse
 import json
 import os
 import shutil
@@ -18,6 +19,39 @@ import tempfile
 import time
 
 NOISY = 0.15  # round medians of one setup further apart than this (relative): the machine was busy
+
+
+def add_run_arguments(parser, default_steps, warmup, rounds, timeout):
+    """The options every step-time script takes: --steps, --warmup, --rounds, --threads,
+    --timeout, --tail, and the hidden --child (the JSON spec of one fresh-interpreter run)."""
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"timed steps per setup (default: {default_steps})")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help=f"untimed steps first, the first compiles the graph (default {warmup})")
+    parser.add_argument("--rounds", type=int, default=rounds,
+                        help="fresh processes per setup, interleaved; the table shows the round with "
+                             f"the lowest median (the least disturbed by other load) (default {rounds})")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU kernel threads (ms.device_context.cpu.op_tuning.threads_num); "
+                             "0 = MindSpore's default (default 0)")
+    parser.add_argument("--timeout", type=int, default=timeout, help=f"seconds per setup (default {timeout})")
+    parser.add_argument("--tail", type=int, default=25, help="output lines shown of a failed setup")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+
+
+def chosen(parser, args, known):
+    """The comma lists of ``args`` named by ``known`` ({"--option": the names it accepts}), each
+    checked (an unknown or empty choice is a parser error), with --warmup / --steps / --rounds."""
+    lists = []
+    for option, names in known.items():
+        picked = [c for c in getattr(args, option[2:]).split(",") if c]
+        bad = [c for c in picked if c not in names]
+        if bad or not picked:
+            parser.error(f"{option}: unknown {bad or picked}; choose from {list(names)}")
+        lists.append(picked)
+    if args.warmup < 1 or args.rounds < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--warmup, --steps and --rounds must be >= 1 (the first warmup step compiles)")
+    return lists
 
 
 def run_fresh(script, mark, spec, prefix, timeout, tail, tail_label="last {tail} lines of its output"):

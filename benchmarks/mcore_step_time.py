@@ -70,8 +70,8 @@ import os
 import sys
 import time
 
-from _rounds import (any_failed, print_ratios, print_table, run_fresh,  # pylint: disable=import-error
-                     run_rounds)
+from _rounds import (add_run_arguments, any_failed, chosen, print_ratios,  # pylint: disable=import-error
+                     print_table, run_fresh, run_rounds)
 
 MARK = "MCORE_STEP_TIME_RESULT "
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,35 +240,14 @@ def main(argv=None):
     parser.add_argument("--sizes", default="tiny,small", help=f"comma list of {list(SIZES)}")
     parser.add_argument("--setups", default=",".join(SETUPS),
                         help=f"comma list of {list(SETUPS)} ({', '.join(MOE_ONLY)}: qwen3_moe only)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"timed steps per setup (default: {DEFAULT_STEPS})")
-    parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed steps first, the first compiles the graph (default 2)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="fresh processes per setup, interleaved; the table shows the round with "
-                             "the lowest median (the least disturbed by other load) (default 2)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU kernel threads (ms.device_context.cpu.op_tuning.threads_num); "
-                             "0 = MindSpore's default (default 0)")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per setup (default 900)")
-    parser.add_argument("--tail", type=int, default=25, help="output lines shown of a failed setup")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_run_arguments(parser, DEFAULT_STEPS, warmup=2, rounds=2, timeout=900)
     args = parser.parse_args(argv)
 
     if args.child:
         print(MARK + json.dumps(run_child(json.loads(args.child))), flush=True)
         return 0
 
-    models = [m for m in args.models.split(",") if m]
-    sizes = [s for s in args.sizes.split(",") if s]
-    setups = [s for s in args.setups.split(",") if s]
-    for name, chosen, known in (("--models", models, MODELS), ("--sizes", sizes, SIZES),
-                                ("--setups", setups, SETUPS)):
-        bad = [c for c in chosen if c not in known]
-        if bad or not chosen:
-            parser.error(f"{name}: unknown {bad or chosen}; choose from {list(known)}")
-    if args.warmup < 1 or args.rounds < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--warmup, --steps and --rounds must be >= 1 (the first warmup step compiles)")
+    models, sizes, setups = chosen(parser, args, {"--models": MODELS, "--sizes": SIZES, "--setups": SETUPS})
 
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"load average at start {os.getloadavg()[0]:.2f}; rank {RANK}, alpha {ALPHA}, dropout 0, "

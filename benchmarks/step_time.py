@@ -36,7 +36,8 @@ is every ratio it enters: on a shared 2-core machine such ratios can be off by 2
 table (median ms/step, p10-p90, compile + first step, peak RSS) and the ratios against the
 goals (PASS/FAIL marks, not asserts). MindFormers' logs are captured; a failed setup prints its
 last lines. The fresh-process runner, rounds, table and ratios are ``benchmarks/_rounds.py``
-(shared with ``mcore_step_time.py``). Default invocation: about 5-7 minutes on 2 CPU cores.
+(shared with ``mcore_step_time.py``). Default invocation (issue 16's setups, tiny and small, both
+models, 2 rounds: 32 fresh processes): about 20 minutes on 2 CPU cores.
 
 MindSpore's CPU runtime runs each kernel on 2 threads here; when something else keeps one core
 busy, every such kernel waits for its second half and a step can take twice as long.
@@ -49,7 +50,7 @@ picks the fused op (the composition with the kernels' dropout) and ``lora_ext_fu
 kernel (``true``); ``auto`` picks by ``kernels/cpu_auto_rule.json``, see ``auto_rule.py``. ``s3``
 is h1024. ``small`` and ``s3`` have the vocab of 4096 of the issue's S2 / S3 shapes.
 
-    python benchmarks/step_time.py                          # Llama and Qwen3, tiny and small
+    python benchmarks/step_time.py                          # Llama and Qwen3, tiny and small, issue 16's setups
     python benchmarks/step_time.py --sizes small,s3 --setups lora,lora_ext,lora_ext_fused,dora,full --dropout 0.05
     python benchmarks/step_time.py --sizes small,s3 --setups lora_ext,dora,dora_no_kernel --dropout 0.05
     python benchmarks/step_time.py --sizes small --steps 20 --setups lora,lora_ext --threads 1
@@ -60,14 +61,15 @@ import os
 import sys
 import time
 
-from _rounds import (any_failed, print_ratios, print_table, run_fresh,  # pylint: disable=import-error
-                     run_rounds)
+from _rounds import (add_run_arguments, any_failed, chosen, print_ratios,  # pylint: disable=import-error
+                     print_table, run_fresh, run_rounds)
 
 MARK = "STEP_TIME_RESULT "
 MODELS = ("llama", "qwen3")
 
 SETUPS = ("lora", "lora_ext", "lora_ext_no_kernel", "lora_ext_composition", "lora_ext_fused", "dora",
           "dora_no_kernel", "dora_fused", "full")
+DEFAULT_SETUPS = ("lora", "lora_ext", "lora_ext_fused", "dora", "full")
 # setup -> (pet_type, extra pet_config keys): the same method with its kernels switched off or forced
 VARIANTS = {"dora_no_kernel": ("dora", {"use_fused_kernel": False}),
             "dora_fused": ("dora", {"use_fused_kernel": True}),
@@ -201,37 +203,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     parser.add_argument("--sizes", default="tiny,small", help=f"comma list of {list(SIZES)}")
-    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {list(SETUPS)}")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"timed steps per setup (default: {DEFAULT_STEPS})")
-    parser.add_argument("--warmup", type=int, default=3,
-                        help="untimed steps first, the first compiles the graph (default 3)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="fresh processes per setup, interleaved; the table shows the round with "
-                             "the lowest median (the least disturbed by other load) (default 3)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU kernel threads (ms.device_context.cpu.op_tuning.threads_num); "
-                             "0 = MindSpore's default (default 0)")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds per setup (default 600)")
-    parser.add_argument("--tail", type=int, default=25, help="output lines shown of a failed setup")
+    parser.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
+                        help=f"comma list of {list(SETUPS)} (default {','.join(DEFAULT_SETUPS)})")
+    add_run_arguments(parser, DEFAULT_STEPS, warmup=3, rounds=2, timeout=600)
     parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout of every setup (default 0)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         print(MARK + json.dumps(run_child(json.loads(args.child))), flush=True)
         return 0
 
-    models = [m for m in args.models.split(",") if m]
-    sizes = [s for s in args.sizes.split(",") if s]
-    setups = [s for s in args.setups.split(",") if s]
-    for name, chosen, known in (("--models", models, MODELS), ("--sizes", sizes, SIZES),
-                                ("--setups", setups, SETUPS)):
-        bad = [c for c in chosen if c not in known]
-        if bad or not chosen:
-            parser.error(f"{name}: unknown {bad or chosen}; choose from {list(known)}")
-    if args.warmup < 1 or args.rounds < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--warmup, --steps and --rounds must be >= 1 (the first warmup step compiles)")
+    models, sizes, setups = chosen(parser, args, {"--models": MODELS, "--sizes": SIZES, "--setups": SETUPS})
 
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"load average at start {os.getloadavg()[0]:.2f}; rank {RANK}, alpha {ALPHA}, dropout {args.dropout}, "
