@@ -6,9 +6,9 @@ round with the lowest median is kept, marked noisy when the round medians differ
 ``mcore_step_time.py`` use all of it; ``adapter_step_time.py`` (its own table, a failed setup
 retried in the next round) uses ``run_fresh`` and ``rotated``.
 
-A run is named by its key, a tuple that ends with the setup: ``(size, setup)`` in
-``step_time.py``, ``(model, size, setup)`` in ``mcore_step_time.py``; the key without the setup
-(its prefix) names the group whose setups take turns in each round."""
+A run is named by its key, a tuple that ends with the setup (``(model, size, setup)`` in
+``step_time.py`` and ``mcore_step_time.py``); the key without the setup (its prefix) names the
+group whose setups take turns in each round."""
 import argparse
 import json
 import os

@@ -83,16 +83,16 @@ def main(argv=None):
     isa = machine_isa()
     print(f"{cpu_model()}, kernel ISA {isa}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
           f"dropout {args.dropout}, {args.rounds} rounds")
-    runs = run_rounds(
-        [((size,), [FUSED, COMPOSITION]) for size in sizes], args.rounds,
-        lambda key: step_time.run_one(*key, args.steps or step_time.DEFAULT_STEPS[key[0]], args.warmup, 0,
+    runs = run_rounds(  # the legacy Llama of step_time.py: the fused op runs on its bases
+        [(("llama", size), [FUSED, COMPOSITION]) for size in sizes], args.rounds,
+        lambda key: step_time.run_one(*key, args.steps or step_time.DEFAULT_STEPS[key[1]], args.warmup, 0,
                                       args.timeout, 25, args.dropout),
-        arch_key="model")
+        arch_key="arch")
     print()
-    print_table(runs, ("size", "setup"))
+    print_table(runs, ("model", "size", "setup"))
     rows = []
     for size in sizes:
-        fused, comp = best_round(runs[(size, FUSED)]), best_round(runs[(size, COMPOSITION)])
+        fused, comp = best_round(runs[("llama", size, FUSED)]), best_round(runs[("llama", size, COMPOSITION)])
         dims = step_time.SIZES[size]
         ratio = fused["median_ms"] / comp["median_ms"] if fused and comp else None
         rows.append({"size": size, "hidden": dims["hidden_size"], "weight_elements": dims["hidden_size"] ** 2,

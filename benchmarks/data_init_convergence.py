@@ -34,7 +34,8 @@ from step_time import SIZES as STEP_TIME_SIZES  # pylint: disable=import-error
 MARK = "DATA_INIT_RESULT "
 TARGETS = ".*wq|.*wk|.*wv|.*wo"
 INITS = ("kaiming", "pissa", "eva", "corda", "lora_ga")
-SIZES = {name: STEP_TIME_SIZES[name] for name in ("tiny", "small")}  # step_time.py's dims (vocab 128)
+# step_time.py's dims, vocab 128 (the generated data's)
+SIZES = {name: dict(STEP_TIME_SIZES[name], vocab_size=128) for name in ("tiny", "small")}
 DEFAULT_STEPS = {"tiny": 64, "small": 32}
 
 
