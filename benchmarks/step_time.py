@@ -6,11 +6,10 @@ Qwen3 rows run ``mcore_step_time.py``'s child (``run_child``): the mcore model t
 TEST-SIDE CPU stand-ins of ``tests/mcore_cpu.py`` (RmsNorm, rotary, FlashAttentionScore as plain
 ops; not Ascend's kernels), the setups' adapter code being the product code, without dropout
 (``--dropout`` is for the Llama rows: stock ``lora``'s mcore dropout, mint's ``DropoutExt``, has
-no CPU kernel). Setups that cannot
-run there are listed as not run, with the reason (``QWEN3_NOT_RUN``): full fine-tune (no CPU
-kernel for the mcore embedding's backward) and the ones that differ from ``lora_ext`` / ``dora``
-only by a CPU kernel, which mcore bases never get (MindSpore 2.9 cannot run a Custom op beside
-their ``Morph``). Qwen3 sizes: the same hidden size, layers, seq length and vocab as Llama's, 8
+no CPU kernel). Setups that cannot run there are listed as not run, with the reason
+(``QWEN3_NOT_RUN``): full fine-tune (no CPU kernel for the mcore embedding's backward) and the
+ones that differ from ``lora_ext`` / ``dora`` only by a CPU kernel, which mcore bases never get
+(MindSpore 2.9 cannot run a Custom op beside their ``Morph``). Qwen3 sizes: the same hidden size, layers, seq length and vocab as Llama's, 8
 heads / 4 kv heads (``mcore_step_time.SIZES``).
 
 For each (model, size, setup) a fresh interpreter (run one after another, never in parallel):
@@ -101,10 +100,12 @@ SIZES = {
 DEFAULT_STEPS = {"tiny": 50, "small": 15, "s3": 8}  # timed steps when --steps is not given
 # (numerator, denominator, bound[, sizes]): "numerator <= bound x denominator" is the goal (at
 # those sizes only); issue 16's goals among them. None: reported without a goal.
-GOALS = (("lora_ext", "lora", 1.0), ("lora_ext", "lora", 0.95, ("s3",)), ("lora_ext_fused", "lora_ext_composition", 0.95), ("lora_ext_no_kernel", "lora", 1.0),
+GOALS = (("lora_ext", "lora", 1.0), ("lora_ext", "lora", 0.95, ("s3",)),
+         ("lora_ext_fused", "lora_ext_composition", 0.95), ("lora_ext_no_kernel", "lora", 1.0),
          ("dora", "lora_ext", 1.10), ("dora", "dora_no_kernel", 1.0),
          ("lora_ext", "full", 0.75), ("lora", "full", 0.75), ("lora_ext_fused", "lora_ext", None))
-RSS_GOALS = (("lora_ext", "lora", 0.90, ("s3",)), ("dora", "lora_ext", None), ("lora_ext_fused", "lora_ext_composition", None))
+RSS_GOALS = (("lora_ext", "lora", 0.90, ("s3",)), ("dora", "lora_ext", None),
+             ("lora_ext_fused", "lora_ext_composition", None))
 
 
 # ----------------------------------------------------------------------------- child side
