@@ -4,6 +4,7 @@ The library is built by the package's own cached build (``kernels.build``), here
 per-module temporary cache; without a C++ compiler every test that needs it is skipped.
 """
 # pylint: disable=redefined-outer-name,unused-argument,protected-access
+import ast
 import ctypes
 import json
 import logging
@@ -21,6 +22,7 @@ from mindspore.common import dtype as mstype
 
 from mindformers_lora_ext.kernels import FusedLoraMatmul, build, dispatch, fused_lora, layer
 from mindformers_lora_ext.kernels.cpu_ops import make_cpu_ops
+from conftest import run_fresh
 
 HAVE_CXX = shutil.which(os.environ.get("CXX") or "g++") is not None
 needs_cxx = pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler (g++ or $CXX): the CPU kernel cannot be built")
@@ -573,6 +575,24 @@ def test_layers_draw_different_masks_reproduced_by_set_seed(lib_path):
         runs.append(ys)
     assert (runs[0][0] != runs[0][1]).mean() > 0.3
     np.testing.assert_array_equal(runs[1], runs[0])
+
+
+def test_seed_ops_differ_without_a_global_seed(tmp_path):
+    """Without ``mindspore.set_seed`` (MindFormers' Trainer skips it for ``seed: 0``) each layer's
+    key op still gets seeds of its own: with (0, 0) everywhere, MindSpore's graph optimizer merged
+    the ops, and q, k, v of a Llama layer shared one dropout mask. A fresh interpreter: the suite's
+    other tests set a global seed."""
+    code = ("import mindspore as ms\n"
+            "from mindformers_lora_ext.kernels import layer\n"
+            "assert ms.get_seed() is None, ms.get_seed()\n"
+            "ops = [layer._seed_op() for _ in range(4)]\n"
+            "print('SEEDS', [(int(op.attrs['seed']), int(op.attrs['seed2'])) for op in ops])\n")
+    script = tmp_path / "seeds.py"
+    script.write_text(code)
+    done = run_fresh([str(script)], cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    seeds = ast.literal_eval(done.stdout.split("SEEDS", 1)[1].strip())
+    assert len(set(seeds)) == 4 and (0, 0) not in seeds, seeds
 
 
 # ----------------------------------------------------------------------------- dispatch and fallback

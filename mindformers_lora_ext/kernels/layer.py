@@ -11,6 +11,8 @@ the streams reproducible, as for ``nn.Dropout``. Recompute: MindSpore re-runs th
 backward for a recomputed cell (checked), so the CPU bprop takes the seed from the forward op's
 outputs instead (see ``cpu_ops``); tested with ``Cell.recompute()``.
 """
+import random
+
 import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
@@ -24,12 +26,21 @@ _INT32_MAX = 2 ** 31 - 1
 
 def _seed_op():
     """A ``UniformInt`` for Philox keys, seeded from ``mindspore.set_seed`` as ``nn.Dropout`` seeds
-    its op (``_get_graph_seed``); an unseeded primitive would ignore the global seed."""
+    its op (``_get_graph_seed``); an unseeded primitive would ignore the global seed.
+
+    Without a global seed every such op would get (seed, seed2) = (0, 0), and MindSpore's graph
+    optimizer merges random ops of equal attributes and inputs: in a lazy-inlined Llama layer q,
+    k and v then drew one key and, with one input, dropped the same elements (the profiler
+    counted 10 draws per step for 16 adapted projections). So each op then gets random seeds of its own:
+    still a new stream every run, as unseeded ops are."""
     try:
         from mindspore.common.seed import _get_graph_seed  # pylint: disable=import-outside-toplevel
-    except ImportError:  # not in this MindSpore: unseeded (masks differ between runs)
-        return P.UniformInt()
-    seed, seed2 = _get_graph_seed(0, "uniform_int")
+        seed, seed2 = _get_graph_seed(0, "uniform_int")
+    except ImportError:  # not in this MindSpore
+        seed = seed2 = 0
+    if seed == 0 and seed2 == 0:
+        draw = random.SystemRandom()
+        seed, seed2 = draw.randrange(1, _INT32_MAX), draw.randrange(1, _INT32_MAX)
     return P.UniformInt(seed=seed, seed2=seed2)
 
 
