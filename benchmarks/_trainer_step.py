@@ -82,9 +82,11 @@ def time_steps(wrapper, input_ids, labels, warmup: int, total_steps: int) -> dic
     """Run ``total_steps`` steps of ``wrapper(input_ids, labels)``, each synchronised on its
     loss; the first ``warmup`` are untimed (the first compiles). Returns the first step's
     seconds, the median / p10 / p90 ms of the timed steps, the median CPU ms of the process per
-    step (all its threads: time the host gave to other guests is not in it, so it is steadier
-    on a shared machine than the wall time, though not a substitute for it), their count, the steps the overflow
-    check skipped, the first and last loss and the process's peak RSS (MB)."""
+    step (all its threads: time the host gave to other guests is not in it, but the spin-waits
+    of MindSpore's idle workers are, so ops on MindSpore's threads count about twice their wall
+    time and our kernels' about once: compare it only between setups of the same kind), their
+    count, the steps the overflow check skipped, the first and last loss and the process's peak
+    RSS (MB)."""
     times, cpu_times, losses, skipped, first = [], [], [], 0, None
     for step in range(total_steps):
         start, cpu_start = time.perf_counter(), time.process_time()

@@ -241,8 +241,8 @@ def main(argv=None):
     print_table(runs, ("model", "size", "setup"))
     print_ratios(runs, GOALS, (6, 6), 24)
     print_ratios(runs, list(dict.fromkeys((num, den, None) for num, den, *_ in GOALS)), (6, 6), 24,
-                 field="median_cpu_ms", what="median process CPU time per step, the best round's (steadier "
-                 "on a shared host; the goals are on wall time)")
+                 field="median_cpu_ms", what="median process CPU time per step, the best round's (not in it: "
+                 "time the host gave others; in it: MindSpore's spin-waits; the goals are on wall time)")
     print_ratios(runs, RSS_GOALS, (6, 6), 24, field="peak_rss_mb", what="peak RSS")
     done = [r for rounds in runs.values() for r in rounds if r is not None]
     print(f"\nwrapper {done[0]['wrapper'] if done else '?'}, optimizer "

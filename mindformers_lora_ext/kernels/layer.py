@@ -31,8 +31,8 @@ def _seed_op():
     Without a global seed every such op would get (seed, seed2) = (0, 0), and MindSpore's graph
     optimizer merges random ops of equal attributes and inputs: in a lazy-inlined Llama layer q,
     k and v then drew one key and, with one input, dropped the same elements (the profiler
-    counted 10 draws per step for 16 adapted projections). So each op then gets random seeds of its own:
-    still a new stream every run, as unseeded ops are."""
+    counted 10 draws per step for 16 adapted projections). So each op then gets random seeds of
+    its own: still a new stream every run, as unseeded ops are."""
     try:
         from mindspore.common.seed import _get_graph_seed  # pylint: disable=import-outside-toplevel
         seed, seed2 = _get_graph_seed(0, "uniform_int")
