@@ -65,8 +65,10 @@ IDS = np.random.default_rng(5).integers(3, 128, (2, 32)).astype(np.int32)
 
 def _pet_overrides(name):
     """The pet_config keys that turn a tiny lora_ext config into pet type ``name``."""
-    if name in ("lora_ext", "loraplus"):
+    if name == "lora_ext":
         return {}
+    if name == "loraplus":  # lora_ext's layer: here with the fused kernel and its in-kernel dropout on mcore
+        return {"lora_dropout": 0.05, "use_fused_kernel": True}
     if name in DATA_DRIVEN:
         return {"init_lora_weights": name}
     if name in METHOD_KEYS and name not in ("dora", "rslora", "pissa", "olora"):
@@ -169,7 +171,9 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("model,name", RUNS, ids=[f"{m}-{n}" for m, n in RUNS])
 def test_trains_saves_reloads_and_merges(tmp_path, bases, plain, data, model, name):  # pylint: disable=redefined-outer-name
     base = bases(model)
-    summary, _ = _train(tmp_path, model, name, data.full, base.ckpt, save_steps=16, merge_on_end=True)
+    summary, log = _train(tmp_path, model, name, data.full, base.ckpt, save_steps=16, merge_on_end=True)
+    if name == "loraplus":  # the kernels ran in the mcore graph
+        assert f"{NUM_CELLS[model]} adapted cells: fused LoRA kernel on {NUM_CELLS[model]}, kernel dropout" in log
     losses = summary["losses"]
     assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.03, losses  # it learns

@@ -124,20 +124,131 @@ def test_dora_dropout_path_recomputes_base_with_own_matmul():
     np.testing.assert_allclose(y, reference(x.reshape(-1, IN).astype(np.float64), arr, base, True)[0], **TOL)
 
 
-def test_dora_dropout_kernel_is_not_used_on_mcore_until_mindspore_runs_it():
-    """MindSpore 2.9 cannot run a Custom op beside the mcore base's Morph (CustomInferTypeByPy:
-    "The prim is not a PrimitivePy"), so the kernels' dropout and DoRA's dropped-matmul kernel
-    stay off on mcore bases, with the reason. This test then fails when it runs: the kernel path
-    can be enabled."""
-    layer = LoraLinear(column(bias=True), spec(use_dora=True, lora_dropout=0.3))
-    assert type(layer.lora_dropout) is nn.Dropout  # pylint: disable=unidiomatic-typecheck
-    assert layer.dora_dropped is None and "mcore base" in layer.dora_dropped_reason
-    from mindformers_lora_ext.kernels import PhiloxDropout, dispatch
-    layer.lora_dropout = PhiloxDropout(0.3, dispatch.resolve_dropout(True, ms.float32)[0])
-    layer.dora_dropped, _ = dispatch.resolve_dropped_matmul(True, ms.float32)
+class _Loss(nn.Cell):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def construct(self, x, g):
+        y, _ = self.layer(x)
+        return (y * g).sum()
+
+
+def _square_layer(make_base, **options):
+    """An adapter of rank 8 (s = 1) on an 8 x 8 mcore base without bias."""
+    cfg = config()
+    base = make_base(8, 8, config=cfg, init_method=cfg.init_method, bias=False)
+    pet = LoraExtConfig(target_modules=["x"], lora_rank=8, lora_alpha=8.0, **options)
+    return LoraLinear(base, pet.module_options("x"))
+
+
+def _set(layer, **arrays):
+    for name, value in arrays.items():
+        param = getattr(layer, name)
+        param.set_data(Tensor(np.asarray(value, np.float32), param.dtype))
+
+
+def _train_grads(layer, x, g):
+    """(y, dL/dx, [dL/dp for the adapter parameters]) of L = sum(y * g), in training mode."""
     layer.set_train(True)
-    with pytest.raises(RuntimeError, match="PrimitivePy"):
-        run(layer, RNG.standard_normal((4, 3, IN)).astype(np.float32))
+    loss = _Loss(layer)
+    y = layer(Tensor(x))[0].asnumpy().astype(np.float64)
+    _, (dx, grads) = ms.value_and_grad(loss, grad_position=0, weights=layer.adapter_parameters())(
+        Tensor(x), Tensor(g))
+    return y, dx.asnumpy().astype(np.float64), [t.asnumpy().astype(np.float64) for t in grads]
+
+
+@pytest.mark.parametrize("use_fused", [True, "auto"], ids=["fused_op", "composition"])
+@pytest.mark.parametrize("make_base", [ColumnParallelLinear, RowParallelLinear], ids=["column", "row"])
+def test_dropout_kernels_run_on_mcore_bases(make_base, use_fused):
+    """Our Custom ops run in an mcore base's graph (MindSpore compiles it at run time, beside the
+    base's Morph: the ops need C++ type inference there). With W = 0, A = B = I, s = 1 and x = 1
+    the output is the step's dropout multiplier m, and the backward must use that very mask:
+    dx = g * m, dA = dB = g^T m. ``true``: the fused op; ``auto``: PhiloxDropout in the
+    composition."""
+    from mindformers_lora_ext.kernels import PhiloxDropout
+    p, n = 0.3, 64
+    layer = _square_layer(make_base, lora_dropout=p, use_fused_kernel=use_fused)
+    assert layer.fused == (use_fused is True), layer.__dict__.get("dropout_reason")
+    assert isinstance(layer.lora_dropout, PhiloxDropout), layer.dropout_reason
+    _set(layer, weight=np.zeros((8, 8)), lora_A=np.eye(8), lora_B=np.eye(8))
+    x, g = np.ones((n, 8), np.float32), RNG.standard_normal((n, 8)).astype(np.float32)
+    y, dx, (da, db) = _train_grads(layer, x, g)
+    k = np.float32(1 / (1 - p))
+    assert set(np.unique(y)) == {0.0, float(k)}  # a mask, and not an empty or a full one
+    np.testing.assert_allclose(dx, g * y, **TOL)
+    np.testing.assert_allclose(da, g.T @ y, **TOL)
+    np.testing.assert_allclose(db, g.T @ y, **TOL)
+
+
+@pytest.mark.parametrize("use_fused", [True, "auto"], ids=["dropped_matmul_kernel", "second_matmul"])
+def test_dora_dropout_on_mcore_bases(use_fused):
+    """DoRA's drop(x) W^T under dropout on an mcore base, by the dropped-elements kernel (true) or
+    a second matmul (auto). A = I, B = 0, m = 2 ||W||_row (so c = 2), x = 1:
+    y = 1 W^T + M W^T, M the multiplier, recovered as (y - 1 W^T) W^-T and checked to be one
+    (entries 0 or 1/(1-p)); then dx = g W + (g W) * M, dB = s c g^T M, dm = rowsum(g * M W^T) / ||W||."""
+    from mindformers_lora_ext.kernels import PhiloxDropout
+    p, n = 0.3, 64
+    layer = _square_layer(ColumnParallelLinear, lora_dropout=p, use_dora=True, use_fused_kernel=use_fused)
+    assert isinstance(layer.lora_dropout, PhiloxDropout), layer.dropout_reason
+    assert (layer.dora_dropped is not None) == (use_fused is True), layer.dora_dropped_reason
+    w = 3 * np.eye(8) + RNG.standard_normal((8, 8)) * 0.3
+    norm = np.linalg.norm(w, axis=1)
+    _set(layer, weight=w, lora_A=np.eye(8), lora_B=np.zeros((8, 8)), lora_magnitude_vector=2 * norm)
+    x, g = np.ones((n, 8), np.float32), RNG.standard_normal((n, 8)).astype(np.float32)
+    y, dx, (_, db, dm) = _train_grads(layer, x, g)
+    mult = (y - x @ w.T) @ np.linalg.inv(w.T)
+    k = 1 / (1 - p)
+    mask = np.isclose(mult, k, atol=1e-3)
+    assert mask.any() and not mask.all()
+    np.testing.assert_allclose(mult, k * mask, atol=1e-3)
+    mult = k * mask
+    np.testing.assert_allclose(dx, g @ w + (g @ w) * mult, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(db, 2 * g.T @ mult, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(dm, (g * (mult @ w.T)).sum(0) / norm, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("make", BASES.values(), ids=BASES.keys())
+@pytest.mark.parametrize("variant", ["lora", "lora_bias"])
+def test_fused_op_keeps_the_mcore_base_contract(make, variant):
+    """With the fused op in place of the base's product: y and the returned bias as the base
+    gives them (bias added unless skip_bias_add, then returned), against numpy; the gradients
+    too."""
+    base = make()
+    layer = LoraLinear(base, spec(use_fused_kernel=True, **VARIANTS[variant]))
+    assert layer.fused
+    arr = randomize(layer)
+    x = RNG.standard_normal((5, 2, IN)).astype(np.float32)
+    y, bias = run(layer, x)
+    x64 = x.reshape(-1, IN).astype(np.float64)
+    expected_y, expected_bias = reference(x64, arr, base, False)
+    np.testing.assert_allclose(y, expected_y, **TOL)
+    assert (bias is None) == (expected_bias is None)
+    if bias is not None:
+        np.testing.assert_allclose(bias, expected_bias, rtol=1e-6)
+    g = RNG.standard_normal((5, 2, OUT)).astype(np.float32)
+    _, dx, grads = _train_grads(layer, x, g)
+    g64, a, b, w = g.reshape(-1, OUT).astype(np.float64), arr["lora_A"], arr["lora_B"], arr["weight"]
+    np.testing.assert_allclose(grads[0], S * (g64 @ b).T @ x64, **TOL)      # dL/dA
+    np.testing.assert_allclose(grads[1], S * g64.T @ (x64 @ a.T), **TOL)    # dL/dB
+    np.testing.assert_allclose(dx.reshape(-1, IN), g64 @ (w + S * b @ a), **TOL)
+
+
+def test_sharded_mcore_bases_keep_the_composition_with_the_reason():
+    """Our CPU ops have no shard strategy: under semi-auto parallel, or a RowParallelLinear that
+    reduces over tensor-parallel ranks, the layer uses MindSpore's ops and says why."""
+    base = row(bias=False)
+    base.tp = 2  # what tensor_model_parallel_size 2 sets (building it needs communication groups)
+    layer = LoraLinear(base, spec(use_fused_kernel=True, lora_dropout=0.1))
+    assert not layer.fused and type(layer.lora_dropout) is nn.Dropout  # pylint: disable=unidiomatic-typecheck
+    assert "tensor_model_parallel_size 2" in layer.dropout_reason
+    base = column(bias=False)  # built stand-alone: its own shard() needs a device layout
+    ms.set_auto_parallel_context(parallel_mode="semi_auto_parallel")
+    try:
+        layer = LoraLinear(base, spec(use_fused_kernel=True, lora_dropout=0.1))
+    finally:
+        ms.reset_auto_parallel_context()
+    assert not layer.fused and "parallel_mode semi_auto_parallel" in layer.dropout_reason
 
 
 @pytest.mark.parametrize("init,use_dora", [("pissa", True), ("olora", False)])
@@ -150,16 +261,6 @@ def test_data_driven_init_keeps_initial_output(init, use_dora):
     layer = LoraLinear(base, spec(init_lora_weights=init, use_dora=use_dora))
     assert not np.allclose(layer.weight.asnumpy(), weight0, atol=1e-3)  # residual of W
     np.testing.assert_allclose(layer(x)[0].asnumpy(), expected, rtol=1e-4, atol=1e-4)
-
-
-class _Loss(nn.Cell):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def construct(self, x, g):
-        y, _ = self.layer(x)
-        return (y * g).sum()
 
 
 @pytest.mark.parametrize("make", [BASES["column_bias"], BASES["row_skip_bias_add"]], ids=["column", "row"])

@@ -38,10 +38,10 @@ import stat
 import subprocess
 import tempfile
 
-ABI_VERSION = 4  # must equal FLK_ABI_VERSION in cpu/fused_lora.cc
+ABI_VERSION = 5  # must equal FLK_ABI_VERSION in cpu/fused_lora.cc
 LIB_NAME = "fused_lora_cpu.so"
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu")
-SOURCES = ("fused_lora.cc", "fused_lora_isa.inc", "dropped_matmul.cc", "thread_pool.h")
+SOURCES = ("fused_lora.cc", "fused_lora_isa.inc", "dropped_matmul.cc", "aot_abi.h", "thread_pool.h")
 COMPILED = tuple(name for name in SOURCES if name.endswith(".cc"))  # .inc, .h: included
 CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden",
             "-ffp-contract=fast", "-fno-math-errno", "-Wall")

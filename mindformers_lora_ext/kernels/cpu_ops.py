@@ -11,13 +11,13 @@ MindSpore recompute the op producing the seed input may run again in backward (a
 op then yields a different seed), but the forward's outputs are the ones of the forward that
 actually ran, so the backward regenerates exactly the forward's mask.
 
-All float inputs/outputs float32, N may be dynamic (C++ infer functions + reg_info, so graph
-mode with ``set_inputs(None, ...)`` works). The forward's bprop runs the backward op; W, sp and
-seed get zero gradients (W is frozen: its gradient is a zeros_like that graph mode prunes when W
-is not a trained parameter; no x^T dy product is ever formed).
+All float inputs/outputs float32, N may be dynamic (C++ shape and type infer functions + reg_info,
+so graph mode with ``set_inputs(None, ...)`` and graphs compiled at run time work). The forward's
+bprop runs the backward op; W, sp and seed get zero gradients (W is frozen: its gradient is a
+zeros_like that graph mode prunes when W is not a trained parameter; no x^T dy product is ever
+formed).
 """
 from mindspore import ops
-from mindspore.common import dtype as mstype
 from mindspore.ops import CustomRegOp, DataType
 from mindspore.ops import functional as F
 
@@ -29,32 +29,32 @@ DROPPED_FORWARD = "DroppedMatmulForward"
 DROPPED_BACKWARD = "DroppedMatmulBackward"
 
 
-def _reg_info(name, inputs, outputs, dtypes):
+def _custom(lib_path, func, name, inputs, outputs, dtypes, bprop=None):
+    """``ops.Custom`` of ``func`` in the library at ``lib_path``, with the library's C++ shape and
+    type inference (``<func>InferShape`` / ``<func>InferType``): MindSpore calls a Python infer only
+    on a PrimitivePy, which graphs compiled at run time (an mcore base's, beside its Morph) no
+    longer hold ("The prim is not a PrimitivePy")."""
     reg = CustomRegOp(name)
     for index, input_name in enumerate(inputs):
         reg = reg.input(index, input_name)
     for index, output_name in enumerate(outputs):
         reg = reg.output(index, output_name)
-    return reg.dtype_format(*dtypes).target("CPU").get_op_info()
+    return ops.Custom(f"{lib_path}:{func}", out_shape=None, out_dtype=None, func_type="aot", bprop=bprop,
+                      reg_info=reg.dtype_format(*dtypes).target("CPU").get_op_info())
 
 
 def make_cpu_ops(lib_path: str):
     """(forward, backward) Custom primitives calling the library at ``lib_path`` (absolute)."""
     f32, i32 = DataType.F32_Default, DataType.I32_Default
-    backward = ops.Custom(
-        f"{lib_path}:{BACKWARD}", out_shape=None, out_dtype=(mstype.float32,) * 3, func_type="aot",
-        reg_info=_reg_info("mfl_fused_lora_backward", ("dy", "x", "w", "a", "b", "h", "sp", "seed"),
-                           ("dx", "da", "db"), (f32,) * 7 + (i32,) + (f32,) * 3))
+    backward = _custom(lib_path, BACKWARD, "mfl_fused_lora_backward", ("dy", "x", "w", "a", "b", "h", "sp", "seed"),
+                       ("dx", "da", "db"), (f32,) * 7 + (i32,) + (f32,) * 3)
 
     def bprop(x, weight, lora_a, lora_b, sp, seed, out, dout):
         dx, da, db = backward(dout[0], x, weight, lora_a, lora_b, out[1], sp, out[2])
         return dx, F.zeros_like(weight), da, db, F.zeros_like(sp), F.zeros_like(seed)
 
-    forward = ops.Custom(
-        f"{lib_path}:{FORWARD}", out_shape=None, out_dtype=(mstype.float32, mstype.float32, mstype.int32),
-        func_type="aot", bprop=bprop,
-        reg_info=_reg_info("mfl_fused_lora_forward", ("x", "w", "a", "b", "sp", "seed"), ("y", "h", "seed_out"),
-                           (f32,) * 5 + (i32,) + (f32,) * 2 + (i32,)))
+    forward = _custom(lib_path, FORWARD, "mfl_fused_lora_forward", ("x", "w", "a", "b", "sp", "seed"),
+                      ("y", "h", "seed_out"), (f32,) * 5 + (i32,) + (f32,) * 2 + (i32,), bprop)
     return forward, backward
 
 
@@ -65,18 +65,14 @@ def make_philox_dropout(lib_path: str):
     the forward's seed output (dx = drop(dy)), so no mask is kept; p and seed get zero gradients."""
     f32, i32 = DataType.F32_Default, DataType.I32_Default
     # a second output (the seed again), as cpu/dropped_matmul.cc explains
-    backward = ops.Custom(
-        f"{lib_path}:{DROPOUT_BACKWARD}", out_shape=None, out_dtype=(mstype.float32, mstype.int32), func_type="aot",
-        reg_info=_reg_info("mfl_philox_dropout_backward", ("dy", "p", "seed"), ("dx", "seed_out"),
-                           (f32, f32, i32, f32, i32)))
+    backward = _custom(lib_path, DROPOUT_BACKWARD, "mfl_philox_dropout_backward", ("dy", "p", "seed"),
+                       ("dx", "seed_out"), (f32, f32, i32, f32, i32))
 
     def bprop(x, p, seed, out, dout):
         return backward(dout[0], p, out[1])[0], F.zeros_like(p), F.zeros_like(seed)
 
-    return ops.Custom(
-        f"{lib_path}:{DROPOUT_FORWARD}", out_shape=None, out_dtype=(mstype.float32, mstype.int32), func_type="aot",
-        bprop=bprop, reg_info=_reg_info("mfl_philox_dropout_forward", ("x", "p", "seed"), ("y", "seed_out"),
-                                        (f32, f32, i32, f32, i32)))
+    return _custom(lib_path, DROPOUT_FORWARD, "mfl_philox_dropout_forward", ("x", "p", "seed"), ("y", "seed_out"),
+                   (f32, f32, i32, f32, i32), bprop)
 
 
 def make_dropped_matmul(lib_path: str):
@@ -87,16 +83,12 @@ def make_dropped_matmul(lib_path: str):
     ``(1 - keep) * (dz W)``; p, seed and W get zero gradients (W is frozen)."""
     f32, i32 = DataType.F32_Default, DataType.I32_Default
     # second output `dropped` [1] (count of dropped elements): see cpu/dropped_matmul.cc for why
-    backward = ops.Custom(
-        f"{lib_path}:{DROPPED_BACKWARD}", out_shape=None, out_dtype=(mstype.float32,) * 2, func_type="aot",
-        reg_info=_reg_info("mfl_dropped_matmul_backward", ("dz", "p", "seed", "w"), ("dx", "dropped"),
-                           (f32, f32, i32, f32, f32, f32)))
+    backward = _custom(lib_path, DROPPED_BACKWARD, "mfl_dropped_matmul_backward", ("dz", "p", "seed", "w"),
+                       ("dx", "dropped"), (f32, f32, i32, f32, f32, f32))
 
     def bprop(x, p, seed, weight, out, dout):
         return (backward(dout[0], p, seed, weight)[0], F.zeros_like(p), F.zeros_like(seed),
                 F.zeros_like(weight))
 
-    return ops.Custom(
-        f"{lib_path}:{DROPPED_FORWARD}", out_shape=None, out_dtype=(mstype.float32,) * 2, func_type="aot",
-        bprop=bprop, reg_info=_reg_info("mfl_dropped_matmul_forward", ("x", "p", "seed", "w"), ("z", "dropped"),
-                                        (f32, f32, i32, f32, f32, f32)))
+    return _custom(lib_path, DROPPED_FORWARD, "mfl_dropped_matmul_forward", ("x", "p", "seed", "w"),
+                   ("z", "dropped"), (f32, f32, i32, f32, f32, f32), bprop)

@@ -5,7 +5,8 @@ An adapter cell takes over the base cell's own ``weight``/``bias`` Parameter obj
 names, so base checkpoints load unchanged) and computes exactly what the base cell computes.
 Dense/Linear: it adopts their matmul/bias primitives (so shard strategies set on them carry
 over). mcore: it keeps the base cell as child ``base_layer`` and calls it, since its forward is
-a ``Morph`` carrying the cell's parallel layouts.
+a ``Morph`` carrying the cell's parallel layouts; where a fused kernel computes base + delta
+(unsharded only), it replaces that call and keeps the base's bias / ``skip_bias_add`` contract.
 """
 import numpy as np
 from mindspore import Tensor, nn
@@ -149,6 +150,8 @@ class AdoptedLinear(nn.Cell):
         """mcore: (base(x) + delta, bias); y has x's dtype, x any [..., in]."""
         if self.input_statistics is not None:
             x = self.reshape(self.input_statistics(self.reshape(x, (-1, self.in_channels))), self.shape(x))
+        if self.fused and not self.merged and weight is None:
+            return self._parallel_fused_forward(x)
         y, bias = self.base_layer(x) if weight is None else self.base_layer(x, weight)
         if self.merged:
             return y, bias
@@ -158,6 +161,17 @@ class AdoptedLinear(nn.Cell):
             base_out = base_out - self.cast(self.bias, self.compute_dtype)
         delta = self.delta(x2d, base_out)
         return y + self.reshape(self.cast(delta, y.dtype), self.shape(y)), bias
+
+    def _parallel_fused_forward(self, x):
+        """The unsharded mcore base's contract with ``fused_forward`` in place of its product:
+        (y [..., out] in x's dtype, with the bias unless skip_bias_add; the bias returned if
+        skipped, else None)."""
+        x2d = self.cast(self.reshape(x, (-1, self.in_channels)), self.compute_dtype)
+        y = self.fused_forward(x2d)
+        if self.bias_in_output:
+            y = y + self.cast(self.bias, self.compute_dtype)
+        out_shape = self.shape(x)[:-1] + (self.out_channels,)
+        return self.reshape(self.cast(y, x.dtype), out_shape), None if self.bias_in_output else self.base_layer.bias
 
     def fused_forward(self, x2d):
         """x2d W^T + delta in one op [N, out] (subclasses that set ``fused``)."""

@@ -73,8 +73,9 @@ class Dora(Lora):
     - under dropout (training), with ``use_fused_kernel: true``: drop(x) W^T = k (x W^T - z),
       k = 1/(1 - p), z = (x * dropped) W^T over the dropped elements only (kernels
       ``dropped_matmul``, a fraction p of a matmul; it regenerates ``PhiloxDropout``'s mask from
-      its seed) where that kernel runs (CPU float32, unsharded, Dense/Linear bases); else (and
-      under ``auto``, where whole steps were no faster with it) a second matmul of drop(x).
+      its seed) where that kernel runs (CPU float32, unsharded Dense, Linear or mcore bases);
+      else (and under ``auto``, where whole steps were no faster with it) a second matmul of
+      drop(x).
     """
 
     extra_parameters = ("lora_magnitude_vector",)
@@ -195,9 +196,10 @@ class LoraLinear(AdoptedLinear):
 
     def _setup_fused(self, spec):
         """Use the fused kernel (kernels.FusedLoraMatmul) where ``use_fused_kernel`` and the
-        dispatch rule allow: plain LoRA on an unsharded [out, in] Dense/Linear weight."""
-        if spec.use_fused_kernel is False or spec.use_dora or self.parallel or not self.transpose_b \
-                or getattr(self.matmul, "in_strategy", None):
+        dispatch rule allow: plain LoRA on an unsharded [out, in] weight (Dense/Linear, or an
+        mcore base called without a weight argument: the op then replaces the base's product)."""
+        if spec.use_fused_kernel is False or spec.use_dora or not self.transpose_b \
+                or getattr(self.matmul, "in_strategy", None) or _sharded_reason(self, spec.use_fused_kernel):
             return
         from mindformers_lora_ext.kernels import FusedLoraMatmul  # pylint: disable=import-outside-toplevel
         fused = FusedLoraMatmul(self.in_channels, self.out_channels, self.rank, spec.dropout,
@@ -340,17 +342,29 @@ def _dropped_matmul(layer):
 
 
 def _layer_kernel(layer, resolve):
-    """(``resolve``'s op for ``layer`` or None, reason): only on unsharded, non-mcore bases (the
+    """(``resolve``'s op for ``layer`` or None, reason): only where the layer runs unsharded (the
     CPU Custom ops have no shard strategy)."""
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
-    if layer.parallel:
-        # MindSpore 2.9 fails to run a Custom op next to the mcore base's Morph ("The prim is not
-        # a PrimitivePy" in CustomInferTypeByPy at run time; tests/test_parallel_linear.py)
-        return None, "mcore base: MindSpore cannot run the Custom op in its graph"
-    mode = ms.get_auto_parallel_context("parallel_mode")
-    if mode not in ("stand_alone", "data_parallel"):
-        return None, f"parallel_mode {mode}: the kernel has no shard strategy"
+    reason = _sharded_reason(layer, layer.use_fused_kernel)
+    if reason:
+        return None, reason
     return resolve(layer.use_fused_kernel, layer.compute_dtype)
+
+
+def _sharded_reason(layer, use_fused_kernel):
+    """Why ``layer`` cannot run our kernels (its computation is sharded), or None. Logged once
+    per reason when ``use_fused_kernel`` is true (asked for, not given)."""
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from mindformers_lora_ext.kernels import dispatch  # pylint: disable=import-outside-toplevel
+    mode = ms.get_auto_parallel_context("parallel_mode")
+    reason = None
+    if mode not in ("stand_alone", "data_parallel"):
+        reason = f"parallel_mode {mode}: the kernel has no shard strategy"
+    elif layer.parallel and getattr(layer.base_layer, "tp", 1) != 1:
+        # RowParallelLinear reduces its product over tensor-parallel ranks inside its Morph
+        reason = f"tensor_model_parallel_size {layer.base_layer.tp}: the kernel has no shard strategy"
+    if reason and use_fused_kernel is True:
+        dispatch.warn_once(dispatch.current_device(), reason)
+    return reason
 
 
 def delta_weight_array(arrays: Dict[str, np.ndarray], scaling: float) -> np.ndarray:

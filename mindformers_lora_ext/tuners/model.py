@@ -70,6 +70,7 @@ class AdapterModel(PreTrainedModel):
         self._adapter_layers: Dict[str, object] = {names[path]: layers[path] for path in order if path in layers}
         for name, layer in self._adapter_layers.items():
             layer.name_parameters(name)
+        logger.info("mindformers-lora-ext: %s", self.kernel_summary())
         self._token_layers: Dict[str, TrainableTokens] = {}  # trainable embedding rows, by table prefix
         for path, layer in replace_cells(base_model, list(token_targets),
                                          lambda path, cell: _token_layer(base_model, path, cell, token_targets[path])).items():
@@ -91,6 +92,15 @@ class AdapterModel(PreTrainedModel):
             from mindformers_lora_ext.peft_format import load_adapter  # pylint: disable=import-outside-toplevel
             loaded = load_adapter(self, config.adapter_path)
             logger.info("mindformers-lora-ext: loaded adapter %s", loaded)
+
+    def kernel_summary(self) -> str:
+        """Which of our CPU/Ascend kernels the adapted cells run: "n adapted cells: fused LoRA
+        kernel on a, kernel dropout on b" (the others run MindSpore's ops)."""
+        from mindformers_lora_ext.kernels.layer import PhiloxDropout  # pylint: disable=import-outside-toplevel
+        layers = list(self._adapter_layers.values())
+        fused = sum(1 for layer in layers if getattr(layer, "fused", False))
+        dropout = sum(1 for layer in layers if isinstance(getattr(layer, "lora_dropout", None), PhiloxDropout))
+        return f"{len(layers)} adapted cells: fused LoRA kernel on {fused}, kernel dropout on {dropout}"
 
     def prepare_targets(self, base_model, targets: List[str]):
         """Called once with the target cell names before any is replaced (VeRA sizes its shared

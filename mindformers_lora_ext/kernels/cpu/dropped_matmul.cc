@@ -20,14 +20,11 @@
 
 #include <vector>
 
+#include "aot_abi.h"
 #include "thread_pool.h"
-
-#define FLK_API extern "C" __attribute__((visibility("default")))
 
 // v8 is passed between static inline functions only, so the AVX argument-passing ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
-
-class AotExtra;
 
 namespace flk {
 int keep_flags(float p, const int32_t* seed, uint64_t n, uint8_t* keep);  // fused_lora.cc
@@ -313,6 +310,11 @@ FLK_API std::vector<std::vector<int64_t>> DroppedMatmulForwardInferShape(int* nd
   return {{n, out}, {1}};
 }
 
+FLK_API MsTypeIds DroppedMatmulForwardInferType(MsTypeIds in, AotExtra* extra) {
+  (void)extra;
+  return {in[0], in[0]};  // z and dropped like x
+}
+
 // params: dz [N, out], p [1], seed [2], W [out, in] | dx [N, in], dropped [1]
 FLK_API int DroppedMatmulBackward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                                   void* stream, void* extra) {
@@ -332,6 +334,10 @@ FLK_API std::vector<std::vector<int64_t>> DroppedMatmulBackwardInferShape(int* n
   const int64_t n = (ndims[0] >= 1 && shapes[0][0] >= 0) ? shapes[0][0] : -1;
   const int64_t in = (ndims[3] == 2) ? shapes[3][1] : -1;
   return {{n, in}, {1}};
+}
+
+FLK_API MsTypeIds DroppedMatmulBackwardInferType(MsTypeIds in, AotExtra* extra) {
+  return DroppedMatmulForwardInferType(in, extra);
 }
 
 // Force (1) or release (0) the baseline row workers; returns the workers now used: 1 = AVX2.

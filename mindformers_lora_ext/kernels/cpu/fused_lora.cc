@@ -12,9 +12,10 @@
 // and kept values are scaled by 1 / (1 - p). All arithmetic is float32 with float32 accumulation.
 //
 // Entry points (MindSpore AOT ABI): FusedLoraForward / FusedLoraBackward, PhiloxDropoutForward /
-// PhiloxDropoutBackward (the same dropout alone, for the composition), their *InferShape
-// functions (dynamic shapes in graph mode), and a few helpers for Python (ctypes): flk_abi_version,
-// flk_isa, flk_set_isa, flk_philox4x32_10, flk_dropout_mask.
+// PhiloxDropoutBackward (the same dropout alone, for the composition), their *InferShape and
+// *InferType functions (dynamic shapes in graph mode; graphs compiled at run time), and a few
+// helpers for Python (ctypes): flk_abi_version, flk_isa, flk_set_isa, flk_philox4x32_10,
+// flk_dropout_mask.
 // The instruction set (AVX-512 / AVX2+FMA / generic) is picked at run time from CPUID; the
 // environment variable MINDFORMERS_LORA_EXT_CPU_ISA=avx2|generic forces a lower one.
 
@@ -27,15 +28,13 @@
 #include <immintrin.h>
 #endif
 
+#include "aot_abi.h"
 #include "thread_pool.h"
 
 // GCC 12 reports _mm512_mul_epu32's internal _mm512_undefined operand as maybe-uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#define FLK_API extern "C" __attribute__((visibility("default")))
-#define FLK_ABI_VERSION 4
-
-class AotExtra;  // MindSpore's attribute accessor: unused, only named in the infer signatures
+#define FLK_ABI_VERSION 5
 
 namespace flk {
 
@@ -388,6 +387,13 @@ FLK_API std::vector<std::vector<int64_t>> FusedLoraForwardInferShape(int* ndims,
   return {{n, out}, {n, r}, {2}};
 }
 
+// C++ type inference (out_dtype=None in Python): MindSpore can only call a Python infer on a
+// PrimitivePy, which an mcore base's graph (Morph, compiled at run time) no longer has.
+FLK_API MsTypeIds FusedLoraForwardInferType(MsTypeIds in, AotExtra* extra) {
+  (void)extra;
+  return {in[0], in[0], in[5]};  // y, h like x; seed_out like seed
+}
+
 // params: dy, x, W, A, B, h, sp, seed | dx, dA, dB
 FLK_API int FusedLoraBackward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                               void* stream, void* extra) {
@@ -418,6 +424,11 @@ FLK_API std::vector<std::vector<int64_t>> FusedLoraBackwardInferShape(int* ndims
   std::vector<std::vector<int64_t>> res;
   for (int i : {1, 3, 4}) res.emplace_back(shapes[i], shapes[i] + ndims[i]);
   return res;
+}
+
+FLK_API MsTypeIds FusedLoraBackwardInferType(MsTypeIds in, AotExtra* extra) {
+  (void)extra;
+  return {in[0], in[0], in[0]};
 }
 
 // Dropout alone, for the composition: y = drop(x) with the mask the fused op draws for this seed
@@ -465,6 +476,11 @@ FLK_API std::vector<std::vector<int64_t>> PhiloxDropoutForwardInferShape(int* nd
   return {std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]), {2}};
 }
 
+FLK_API MsTypeIds PhiloxDropoutForwardInferType(MsTypeIds in, AotExtra* extra) {
+  (void)extra;
+  return {in[0], in[2]};  // y like x; seed_out like seed
+}
+
 FLK_API int PhiloxDropoutBackward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                                   void* stream, void* extra) {
   (void)stream;
@@ -474,6 +490,10 @@ FLK_API int PhiloxDropoutBackward(int nparam, void** params, int* ndims, int64_t
 
 FLK_API std::vector<std::vector<int64_t>> PhiloxDropoutBackwardInferShape(int* ndims, int64_t** shapes, AotExtra* extra) {
   return PhiloxDropoutForwardInferShape(ndims, shapes, extra);
+}
+
+FLK_API MsTypeIds PhiloxDropoutBackwardInferType(MsTypeIds in, AotExtra* extra) {
+  return PhiloxDropoutForwardInferType(in, extra);
 }
 
 namespace flk {
