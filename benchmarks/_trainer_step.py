@@ -78,6 +78,15 @@ def build_train_step(config, total_steps: int, threads: int = 0, construct_args_
     return network, wrapper
 
 
+def arch_of(network) -> str:
+    """``<network class>/<model class>``, and for adapted models which kernels their cells run
+    (``AdapterModel.kernel_summary``): what a row measured, printed beside it."""
+    inner = getattr(network, "network", network)  # PetModel keeps the adapted model in .network
+    arch = f"{type(network).__name__}/{type(inner).__name__}"
+    summary = getattr(inner, "kernel_summary", None)
+    return f"{arch}; {summary()}" if summary else arch
+
+
 def time_steps(wrapper, input_ids, labels, warmup: int, total_steps: int) -> dict:
     """Run ``total_steps`` steps of ``wrapper(input_ids, labels)``, each synchronised on its
     loss; the first ``warmup`` are untimed (the first compiles). Returns the first step's

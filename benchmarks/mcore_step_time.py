@@ -154,7 +154,7 @@ def run_child(spec):
     from mindformers.pet import is_supported_pet_type
     from mindformers.tools.register import MindFormerConfig
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _trainer_step import build_train_step, time_steps  # pylint: disable=import-error
+    from _trainer_step import arch_of, build_train_step, time_steps  # pylint: disable=import-error
 
     patched = _install_cpu_standins()
     model, size, setup = spec["model"], spec["size"], spec["setup"]
@@ -183,7 +183,6 @@ def run_child(spec):
     network, wrapper = build_train_step(config, total_steps, spec["threads"],
                                         construct_args_key=INPUT_COLUMNS)
 
-    inner = getattr(network, "network", network)  # PetModel keeps the adapted model in .network
     trainable = network.trainable_params()
     not_adapter = [p.name for p in trainable if "lora" not in p.name]
     if not trainable or not_adapter:
@@ -192,7 +191,7 @@ def run_child(spec):
     batch, seq = config.runner_config.batch_size, model_config.seq_length
     result = {
         "model": model, "size": size, "setup": setup,
-        "arch": f"{type(network).__name__}/{type(inner).__name__}",
+        "arch": arch_of(network),
         "wrapper": type(wrapper).__name__, "optimizer": type(wrapper.optimizer).__name__,
         "trainable": int(sum(p.size for p in trainable)),
         "total": int(sum(p.size for p in network.get_parameters())),

@@ -4,13 +4,14 @@ mcore Qwen3 (``--models``) on CPU.
 
 Qwen3 rows run ``mcore_step_time.py``'s child (``run_child``): the mcore model through the
 TEST-SIDE CPU stand-ins of ``tests/mcore_cpu.py`` (RmsNorm, rotary, FlashAttentionScore as plain
-ops; not Ascend's kernels), the setups' adapter code being the product code, without dropout
-(``--dropout`` is for the Llama rows: stock ``lora``'s mcore dropout, mint's ``DropoutExt``, has
-no CPU kernel). Setups that cannot run there are listed as not run, with the reason
-(``QWEN3_NOT_RUN``): full fine-tune (no CPU kernel for the mcore embedding's backward) and the
-ones that differ from ``lora_ext`` / ``dora`` only by a CPU kernel, which mcore bases never get
-(MindSpore 2.9 cannot run a Custom op beside their ``Morph``). Qwen3 sizes: the same hidden size, layers, seq length and vocab as Llama's, 8
-heads / 4 kv heads (``mcore_step_time.SIZES``).
+ops; not Ascend's kernels), the setups' adapter code, our CPU kernels included, being the product
+code. Their dropout is ``--qwen3_dropout`` (default 0), not ``--dropout``: stock ``lora``'s mcore
+dropout, mint's ``DropoutExt``, has no CPU kernel, so stock ``lora`` runs there only without
+dropout. Setups that cannot run are listed as not run, with the reason (:func:`qwen3_not_run`):
+full fine-tune (no CPU kernel for the mcore embedding's backward), stock ``lora`` under dropout,
+``dora_fused`` without dropout (DoRA's kernel is its dropout correction). Qwen3 sizes: the same
+hidden size, layers, seq length and vocab as Llama's, 8 heads / 4 kv heads
+(``mcore_step_time.SIZES``).
 
 For each (model, size, setup) a fresh interpreter (run one after another, never in parallel):
 
@@ -78,13 +79,17 @@ VARIANTS = {"dora_no_kernel": ("dora", {"use_fused_kernel": False}),
 # setups whose child runs `auto` under a rule file that never picks the fused op (what auto runs
 # wherever the rule says no: the composition with the kernels' dropout)
 NEVER_FUSED = ("lora_ext_composition",)
-QWEN3_DROPOUT_NOTE = ("qwen3 rows run with lora_dropout 0: stock lora's mcore dropout (mint DropoutExt) "
-                      "has no CPU kernel")
-_NO_KERNEL_ON_MCORE = "same as lora_ext/dora there: mcore bases get no CPU kernel"
-QWEN3_NOT_RUN = {"full": "no CPU kernel for the mcore embedding's backward",
-                 "lora_ext_no_kernel": _NO_KERNEL_ON_MCORE, "lora_ext_composition": _NO_KERNEL_ON_MCORE,
-                 "lora_ext_fused": _NO_KERNEL_ON_MCORE, "dora_no_kernel": _NO_KERNEL_ON_MCORE,
-                 "dora_fused": _NO_KERNEL_ON_MCORE}
+
+
+def qwen3_not_run(dropout):
+    """{setup: why it cannot run on Qwen3} at Qwen3 lora_dropout ``dropout``."""
+    reasons = {"full": "no CPU kernel for the mcore embedding's backward"}
+    if dropout > 0:
+        reasons["lora"] = "stock lora's mcore dropout (mint DropoutExt) has no CPU kernel"
+    else:
+        reasons["dora_fused"] = "use_fused_kernel true with DoRA needs lora_dropout > 0"
+    return reasons
+
 TARGETS = ".*wq|.*wk|.*wv|.*wo"
 RANK, ALPHA = 8, 16
 # Llama dims; tiny = configs/tiny/lora_ext.yaml's (vocab 128). small and s3: the issue's S2 and S3
@@ -121,6 +126,11 @@ def _pet_config(setup, dropout):
 
 def run_child(spec):
     """Build, warm up and time one (model, size, setup); returns the result dict."""
+    setup = spec["setup"]
+    if setup in NEVER_FUSED:  # before the package reads its rule (cwd: the child's own temp dir)
+        with open("never_fused_rule.json", "w", encoding="utf-8") as handle:
+            json.dump({"about": "step_time.py: auto never picks the fused op", "isa": {}}, handle)
+        os.environ["MINDFORMERS_LORA_EXT_CPU_AUTO_RULE"] = os.path.abspath("never_fused_rule.json")
     if spec["model"] == "qwen3":
         return _run_qwen3_child(spec)
     # pylint: disable=import-outside-toplevel
@@ -128,13 +138,9 @@ def run_child(spec):
     import mindspore as ms
     from mindformers.pet import is_supported_pet_type
     from mindformers.tools.register import MindFormerConfig
-    from _trainer_step import build_train_step, time_steps, sized_config  # pylint: disable=import-error
+    from _trainer_step import arch_of, build_train_step, time_steps, sized_config  # pylint: disable=import-error
 
-    setup, dims = spec["setup"], SIZES[spec["size"]]
-    if setup in NEVER_FUSED:  # before the package reads its rule (cwd: the child's own temp dir)
-        with open("never_fused_rule.json", "w", encoding="utf-8") as handle:
-            json.dump({"about": "step_time.py: auto never picks the fused op", "isa": {}}, handle)
-        os.environ["MINDFORMERS_LORA_EXT_CPU_AUTO_RULE"] = os.path.abspath("never_fused_rule.json")
+    dims = SIZES[spec["size"]]
     config = sized_config(dims)
     model_config = config.model.model_config
     pet_config = _pet_config(setup, spec["dropout"])
@@ -149,11 +155,10 @@ def run_child(spec):
     total_steps = spec["warmup"] + spec["steps"]
     network, wrapper = build_train_step(config, total_steps, spec["threads"])
 
-    inner = getattr(network, "network", network)  # PetModel keeps the adapted model in .network
     trainable = network.trainable_params()
     result = {
         "model": "llama", "size": spec["size"], "setup": setup,
-        "arch": f"{type(network).__name__}/{type(inner).__name__}",
+        "arch": arch_of(network),
         "wrapper": type(wrapper).__name__, "optimizer": type(wrapper.optimizer).__name__,
         "trainable": int(sum(p.size for p in trainable)),
         "total": int(sum(p.size for p in network.get_parameters())),
@@ -183,10 +188,9 @@ def _run_qwen3_child(spec):
 # ---------------------------------------------------------------------------- parent side
 
 def run_one(model, size, setup, steps, warmup, threads, timeout, tail, dropout):
-    """One (model, size, setup) in a fresh interpreter; returns (result or None, wall s, error).
-    Qwen3 rows run without dropout (QWEN3_DROPOUT_NOTE)."""
+    """One (model, size, setup) in a fresh interpreter; returns (result or None, wall s, error)."""
     spec = {"model": model, "size": size, "setup": setup, "steps": steps, "warmup": warmup,
-            "threads": threads, "dropout": 0.0 if model == "qwen3" else dropout}
+            "threads": threads, "dropout": dropout}
     return run_fresh(__file__, MARK, spec, f"step_time_{model}_{size}_{setup}_", timeout, tail)
 
 
@@ -207,7 +211,9 @@ def main(argv=None):
     parser.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
                         help=f"comma list of {list(SETUPS)} (default {','.join(DEFAULT_SETUPS)})")
     add_run_arguments(parser, DEFAULT_STEPS, warmup=3, rounds=2, timeout=600)
-    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout of every setup (default 0)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout of the Llama rows (default 0)")
+    parser.add_argument("--qwen3_dropout", type=float, default=0.0,
+                        help="lora_dropout of the Qwen3 rows (default 0; > 0: stock lora is not run there)")
     args = parser.parse_args(argv)
 
     if args.child:
@@ -215,9 +221,11 @@ def main(argv=None):
         return 0
 
     models, sizes, setups = chosen(parser, args, {"--models": MODELS, "--sizes": SIZES, "--setups": SETUPS})
+    not_run = qwen3_not_run(args.qwen3_dropout)
 
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-          f"load average at start {os.getloadavg()[0]:.2f}; rank {RANK}, alpha {ALPHA}, dropout {args.dropout}, "
+          f"load average at start {os.getloadavg()[0]:.2f}; rank {RANK}, alpha {ALPHA}, dropout {args.dropout} "
+          f"(qwen3: {args.qwen3_dropout}), "
           f"targets '{TARGETS}', warmup {args.warmup}, {args.rounds} rounds, "
           f"CPU kernel threads {args.threads or 'MindSpore default'}")
     for model in models:
@@ -225,17 +233,16 @@ def main(argv=None):
             print(f"  {model} {size}: {describe(model, size)}, {args.steps or DEFAULT_STEPS[size]} timed steps")
     if "qwen3" in models:
         print("  qwen3: mcore model on the TEST-SIDE CPU stand-ins of tests/mcore_cpu.py (not Ascend kernels)")
-        print(f"  {QWEN3_DROPOUT_NOTE}")
         for setup in setups:
-            if setup in QWEN3_NOT_RUN:
-                print(f"  not run on qwen3: {setup} ({QWEN3_NOT_RUN[setup]})")
-    groups = [((model, size), [s for s in setups if model != "qwen3" or s not in QWEN3_NOT_RUN])
+            if setup in not_run:
+                print(f"  not run on qwen3: {setup} ({not_run[setup]})")
+    groups = [((model, size), [s for s in setups if model != "qwen3" or s not in not_run])
               for model in models for size in sizes]
     start = time.perf_counter()
     runs = run_rounds(  # {(model, size, setup): [result or None per round]} in table order
         [group for group in groups if group[1]], args.rounds,
         lambda key: run_one(*key, args.steps or DEFAULT_STEPS[key[1]], args.warmup, args.threads,
-                            args.timeout, args.tail, args.dropout),
+                            args.timeout, args.tail, args.qwen3_dropout if key[0] == "qwen3" else args.dropout),
         arch_key="arch")
     print()
     print_table(runs, ("model", "size", "setup"))
