@@ -270,20 +270,20 @@ def _dora_dropout_layer(fused, seed=11):
     return layer
 
 
-class FixedSeed(nn.Cell):
-    """Stands in for PhiloxDropout's seed op: the same Philox key every call."""
+class FixedKey(nn.Cell):
+    """Stands in for PhiloxDropout's key cell: the same Philox key every call."""
 
     def __init__(self, key):
         super().__init__()
-        self.key = Tensor(np.array(key, np.int32))
+        self.value = Tensor(np.array(key, np.int32))
 
-    def construct(self, shape, low, high):  # pylint: disable=unused-argument
-        return self.key
+    def construct(self):
+        return self.value
 
 
 def _fix_seed(layer):
     """Give a PhiloxDropout layer a fixed key; returns its multiplier (0 or 1/(1-p)) for x's shape."""
-    layer.lora_dropout.seed_op = FixedSeed((7, 9))
+    layer.lora_dropout.key = FixedKey((7, 9))
     return lambda x: layer.lora_dropout(Tensor(np.ones_like(x))).asnumpy().astype(np.float64)
 
 

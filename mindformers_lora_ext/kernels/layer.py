@@ -44,6 +44,20 @@ def _seed_op():
     return P.UniformInt(seed=seed, seed2=seed2)
 
 
+class PhiloxKey(nn.Cell):
+    """A fresh Philox key per execution: ``construct() -> int32 [2]`` in [0, 2^31), drawn by this
+    cell's own ``UniformInt`` (:func:`_seed_op`), so each user has a stream of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.draw = _seed_op()
+        self.low = Tensor(0, mstype.int32)
+        self.high = Tensor(_INT32_MAX, mstype.int32)
+
+    def construct(self):
+        return self.draw((2,), self.low, self.high)
+
+
 class FusedLoraMatmul(nn.Cell):
     """``y2d = x2d W^T + s * (dropout(x2d) A^T) B^T`` in one fused op where available.
 
@@ -89,9 +103,7 @@ class FusedLoraMatmul(nn.Cell):
             seed_type = np.int64 if self.convention == "ascend" else np.int32
             self.no_seed = Tensor(np.zeros(2, seed_type))
             if self.dropout_active:
-                self.seed_op = _seed_op()
-                self.seed_low = Tensor(0, mstype.int32)
-                self.seed_high = Tensor(_INT32_MAX, mstype.int32)
+                self.key = PhiloxKey()
                 self.seed_mask = Tensor(np.array([1, 0], np.int64))  # ascend: (seed, offset 0)
         else:
             self.matmul = P.MatMul(transpose_b=True)
@@ -104,7 +116,7 @@ class FusedLoraMatmul(nn.Cell):
         if self.fused:
             drop = self.dropout_active and self.training
             p = self.p_train if drop else self.p_eval
-            seed = self.seed_op((2,), self.seed_low, self.seed_high) if drop else self.no_seed
+            seed = self.key() if drop else self.no_seed
             if self.convention == "ascend":
                 if drop:
                     seed = self.cast(seed, mstype.int64) * self.seed_mask
@@ -129,9 +141,7 @@ class PhiloxDropout(nn.Cell):
         self.p = float(p)
         self.op = op
         self.p_tensor = Tensor(np.array([self.p], np.float32))
-        self.seed_op = _seed_op()
-        self.seed_low = Tensor(0, mstype.int32)
-        self.seed_high = Tensor(_INT32_MAX, mstype.int32)
+        self.key = PhiloxKey()
 
     def construct(self, x):
         if not self.training:
@@ -141,7 +151,7 @@ class PhiloxDropout(nn.Cell):
     def with_seed(self, x):
         """(x dropped, the int32 [2] seed of its mask) in training; DoRA's dropped-element
         kernel regenerates the same mask from it."""
-        return self.op(x, self.p_tensor, self.seed_op((2,), self.seed_low, self.seed_high))
+        return self.op(x, self.p_tensor, self.key())
 
 
 class _Functional:
@@ -151,10 +161,8 @@ class _Functional:
     def __init__(self):
         self._backend = None
         self._resolved = False
-        self._seed_op = None
+        self._key = None
         self.concat = P.Concat()
-        self.seed_low = Tensor(0, mstype.int32)
-        self.seed_high = Tensor(_INT32_MAX, mstype.int32)
         self.matmul = P.MatMul(transpose_b=True)
         self.shape = P.Shape()
 
@@ -169,16 +177,16 @@ class _Functional:
         return self._backend
 
     @property
-    def seed_op(self):
-        """The seed op, made on first use: after the user's ``mindspore.set_seed``, which it follows."""
-        if self._seed_op is None:
-            self._seed_op = _seed_op()
-        return self._seed_op
+    def key(self):
+        """The key cell, made on first use: after the user's ``mindspore.set_seed``, which it follows."""
+        if self._key is None:
+            self._key = PhiloxKey()
+        return self._key
 
     def reset(self):
         self._resolved = False
         self._backend = None
-        self._seed_op = None
+        self._key = None
 
 
 _FUNCTIONAL = _Functional()
@@ -214,7 +222,7 @@ def fused_lora(x, weight, lora_a, lora_b, scaling, dropout=0.0, seed=None):
         if dropout <= 0:
             key = Tensor([0, 0], mstype.int32)
         elif seed is None:
-            key = _FUNCTIONAL.seed_op((2,), _FUNCTIONAL.seed_low, _FUNCTIONAL.seed_high)
+            key = _FUNCTIONAL.key()
         elif isinstance(seed, int):
             key = Tensor([seed & _INT32_MAX, (seed >> 31) & _INT32_MAX], mstype.int32)
         else:
