@@ -53,6 +53,8 @@ is h1024. ``small`` and ``s3`` have the vocab of 4096 of the issue's S2 / S3 sha
     python benchmarks/step_time.py                          # Llama and Qwen3, tiny and small, issue 16's setups
     python benchmarks/step_time.py --sizes small,s3 --setups lora,lora_ext,lora_ext_fused,dora,full --dropout 0.05
     python benchmarks/step_time.py --sizes small,s3 --setups lora_ext,dora,dora_no_kernel --dropout 0.05
+    python benchmarks/step_time.py --models qwen3 --sizes small,s3 --qwen3_dropout 0.05 \\
+        --setups lora_ext,lora_ext_fused,dora,dora_fused
     python benchmarks/step_time.py --sizes small --steps 20 --setups lora,lora_ext --threads 1
 """
 import argparse
@@ -226,7 +228,7 @@ def main(argv=None):
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"load average at start {os.getloadavg()[0]:.2f}; rank {RANK}, alpha {ALPHA}, dropout {args.dropout} "
           f"(qwen3: {args.qwen3_dropout}), "
-          f"targets '{TARGETS}', warmup {args.warmup}, {args.rounds} rounds, "
+          f"targets '{TARGETS}' (qwen3: linear_qkv, linear_proj), warmup {args.warmup}, {args.rounds} rounds, "
           f"CPU kernel threads {args.threads or 'MindSpore default'}")
     for model in models:
         for size in sizes:

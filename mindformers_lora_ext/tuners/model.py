@@ -95,12 +95,15 @@ class AdapterModel(PreTrainedModel):
 
     def kernel_summary(self) -> str:
         """Which of our CPU/Ascend kernels the adapted cells run: "n adapted cells: fused LoRA
-        kernel on a, kernel dropout on b" (the others run MindSpore's ops)."""
+        kernel on a, kernel dropout on b[, DoRA dropout kernel on c]" (the others run MindSpore's
+        ops)."""
         from mindformers_lora_ext.kernels.layer import PhiloxDropout  # pylint: disable=import-outside-toplevel
         layers = list(self._adapter_layers.values())
         fused = sum(1 for layer in layers if getattr(layer, "fused", False))
         dropout = sum(1 for layer in layers if isinstance(getattr(layer, "lora_dropout", None), PhiloxDropout))
-        return f"{len(layers)} adapted cells: fused LoRA kernel on {fused}, kernel dropout on {dropout}"
+        summary = f"{len(layers)} adapted cells: fused LoRA kernel on {fused}, kernel dropout on {dropout}"
+        dropped = sum(1 for layer in layers if getattr(layer, "dora_dropped", None) is not None)
+        return summary + (f", DoRA dropout kernel on {dropped}" if dropped else "")
 
     def prepare_targets(self, base_model, targets: List[str]):
         """Called once with the target cell names before any is replaced (VeRA sizes its shared
