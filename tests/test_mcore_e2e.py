@@ -37,11 +37,11 @@ STEPS = 32
 # Left out for CI time (each run is a fresh interpreter and a graph compile, 30-80 s): rslora
 # (lora_ext's layer with another scaling constant) and olora (pissa's residual base and convert
 # path with a QR init), both run end to end on Llama in test_e2e; DoRA on DeepSeek-V3 (the same
-# hooks on the same layer classes as lora_ext there, and DoRA on routed experts runs on Qwen3-MoE).
+# hooks on the same layer classes as lora_ext there, and DoRA on routed experts runs on Qwen3-MoE);
+# Qwen3-MoE lora_ext (its dora run trains the same expert LoRA path, plus the magnitude).
 PETS = ("lora_ext", "dora", "pissa", "loraplus", "vera", "loha", "lokr", "adalora")
 DATA_DRIVEN = ("eva", "corda", "lora_ga")  # lora_ext with init_lora_weights from the training data
-RUNS = [("qwen3", name) for name in PETS + DATA_DRIVEN] + [("qwen3_moe", "lora_ext"), ("qwen3_moe", "dora"),
-                                                            ("deepseek3", "lora_ext")]
+RUNS = [("qwen3", name) for name in PETS + DATA_DRIVEN] + [("qwen3_moe", "dora"), ("deepseek3", "lora_ext")]
 # the adapted cells (checkpoint prefixes) of each tiny config; on MoE layers linear_fc1 / linear_fc2
 # are the routed experts' projections (<experts>.linear_fc1) and the shared experts' cells
 CELLS = {
