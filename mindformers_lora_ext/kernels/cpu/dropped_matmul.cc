@@ -268,72 +268,70 @@ static const uint8_t* keep_flags(const void* p, const void* seed, long n, int* e
 
 }  // namespace fdm
 
-// Both ops have a second output, dropped [1] float32 = the number of dropped elements of x:
-// MindSpore 2.9 runs single-output AOT ops in dynamic-shape graphs through a Python type infer
-// that fails ("The prim is not a PrimitivePy"); with two outputs the C++ path is taken.
+// Both ops have a second output, dropped [1] float32 = the number of dropped elements of x. It
+// dates from when their types were inferred in Python, which MindSpore 2.9 took for
+// single-output AOT ops in dynamic-shape graphs and which failed there ("The prim is not a
+// PrimitivePy"); with the C++ *InferType below that no longer matters, and the count stays a
+// cheap check for tests.
 static float count_dropped(const uint8_t* keep, long n) {
   long c = 0;
   for (long e = 0; e < n; ++e) c += !keep[e];
   return (float)c;
 }
 
-// Both ops: x's keep flags from (p, seed) = params[1], params[2], then run(keep), then the
-// dropped count into the last output (params[5]).
-template <class Run>
-static int with_keep(void** params, long N, long in, Run run) {
+// Both ops: params = a [N, k], p [1], seed [2], W [out, in] | b [N, m], dropped [1];
+//   forward : a = x,  k = in  -> b = z,  m = out
+//   backward: a = dz, k = out -> b = dx, m = in
+// x's keep flags come from (p, seed), regenerated here.
+static int dropped_op(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, bool backward) {
+  if (const int err = fdm::check_args(nparam, ndims, shapes, dtypes)) return err;
+  const long N = shapes[0][0], out = shapes[3][0], in = shapes[3][1];
+  const long k = backward ? out : in, m = backward ? in : out;
+  if (shapes[0][1] != k || shapes[4][0] != N || shapes[4][1] != m) return fdm::ERR_SHAPE;
   int err = 0;
   const uint8_t* keep = fdm::keep_flags(params[1], params[2], N * in, &err);
   if (err) return err;
-  run(keep);
+  (backward ? fdm::backward : fdm::forward)((const float*)params[0], keep, (const float*)params[3], N, in, out,
+                                            (float*)params[4]);
   *(float*)params[5] = count_dropped(keep, N * in);
   return fdm::OK;
 }
 
-// params: x [N, in], p [1], seed [2], W [out, in] | z [N, out], dropped [1]
+static std::vector<std::vector<int64_t>> dropped_shapes(int* ndims, int64_t** shapes, bool backward) {
+  const int64_t n = (ndims[0] >= 1 && shapes[0][0] >= 0) ? shapes[0][0] : -1;
+  const int64_t m = (ndims[3] == 2) ? shapes[3][backward ? 1 : 0] : -1;
+  return {{n, m}, {1}};
+}
+
 FLK_API int DroppedMatmulForward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                                  void* stream, void* extra) {
   (void)stream;
   (void)extra;
-  if (const int err = fdm::check_args(nparam, ndims, shapes, dtypes)) return err;
-  const long N = shapes[0][0], in = shapes[0][1], out = shapes[3][0];
-  if (shapes[3][1] != in || shapes[4][0] != N || shapes[4][1] != out) return fdm::ERR_SHAPE;
-  return with_keep(params, N, in, [&](const uint8_t* keep) {
-    fdm::forward((const float*)params[0], keep, (const float*)params[3], N, in, out, (float*)params[4]);
-  });
+  return dropped_op(nparam, params, ndims, shapes, dtypes, false);
 }
 
 FLK_API std::vector<std::vector<int64_t>> DroppedMatmulForwardInferShape(int* ndims, int64_t** shapes,
                                                                          AotExtra* extra) {
   (void)extra;
-  const int64_t n = (ndims[0] >= 1 && shapes[0][0] >= 0) ? shapes[0][0] : -1;
-  const int64_t out = (ndims[3] == 2) ? shapes[3][0] : -1;
-  return {{n, out}, {1}};
+  return dropped_shapes(ndims, shapes, false);
 }
 
 FLK_API MsTypeIds DroppedMatmulForwardInferType(MsTypeIds in, AotExtra* extra) {
   (void)extra;
-  return {in[0], in[0]};  // z and dropped like x
+  return {in[0], in[0]};  // b and dropped like a
 }
 
-// params: dz [N, out], p [1], seed [2], W [out, in] | dx [N, in], dropped [1]
 FLK_API int DroppedMatmulBackward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                                   void* stream, void* extra) {
   (void)stream;
   (void)extra;
-  if (const int err = fdm::check_args(nparam, ndims, shapes, dtypes)) return err;
-  const long N = shapes[0][0], out = shapes[3][0], in = shapes[3][1];
-  if (shapes[0][1] != out || shapes[4][0] != N || shapes[4][1] != in) return fdm::ERR_SHAPE;
-  return with_keep(params, N, in, [&](const uint8_t* keep) {
-    fdm::backward((const float*)params[0], keep, (const float*)params[3], N, in, out, (float*)params[4]);
-  });
+  return dropped_op(nparam, params, ndims, shapes, dtypes, true);
 }
 
 FLK_API std::vector<std::vector<int64_t>> DroppedMatmulBackwardInferShape(int* ndims, int64_t** shapes,
                                                                           AotExtra* extra) {
   (void)extra;
-  const int64_t n = (ndims[0] >= 1 && shapes[0][0] >= 0) ? shapes[0][0] : -1;
-  const int64_t in = (ndims[3] == 2) ? shapes[3][1] : -1;
-  return {{n, in}, {1}};
+  return dropped_shapes(ndims, shapes, true);
 }
 
 FLK_API MsTypeIds DroppedMatmulBackwardInferType(MsTypeIds in, AotExtra* extra) {
