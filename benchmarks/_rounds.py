@@ -163,9 +163,9 @@ def print_table(runs, key_names):
 def print_ratios(runs, goals, prefix_widths, name_width, note="", field="median_ms",
                  what="median step time"):
     """For each key prefix of ``runs`` (in table order) and each goal (numerator, denominator,
-    bound or None[, the key parts it is for, e.g. sizes]) of ``goals`` whose two setups have a result, the ratio of their best rounds'
-    ``field`` (``what`` in the heading) with a PASS/FAIL mark against the bound ("report"
-    without one), ``(noisy)`` when either setup is. ``prefix_widths``: the width of each prefix
+    bound or None[, the key parts it is for, e.g. sizes]) of ``goals`` whose two setups have a
+    result, the ratio of their best rounds' ``field`` (``what`` in the heading) with a PASS/FAIL
+    mark against the bound ("report" without one), ``(noisy)`` when either setup is. ``prefix_widths``: the width of each prefix
     column; ``name_width``: of the "numerator/denominator" column; ``note`` ends the heading.
     Returns the number of ratios printed."""
     best = {key: best_round(rounds) for key, rounds in runs.items()}

@@ -59,7 +59,8 @@ one's time being import + graph compile (10-30 s); estimated at 8-10 minutes on 
 from single runs timed on a busy machine (about 12 minutes there).
 
 ``benchmarks/step_time.py --models qwen3`` runs this script's child (``run_child``) for its Qwen3
-rows, beside the Llama ones, with its own ``--dropout`` and kernel settings (``extra``).
+rows, beside the Llama ones, with a dropout of its own (``--qwen3_dropout``) and our kernel
+settings (``extra`` pet_config keys).
 
     python benchmarks/mcore_step_time.py                       # both models, tiny and small
     python benchmarks/mcore_step_time.py --models qwen3_moe --sizes small --rounds 3 --threads 1

@@ -148,14 +148,20 @@ def _set(layer, **arrays):
         param.set_data(Tensor(np.asarray(value, np.float32), param.dtype))
 
 
+class _LossAndOutput(_Loss):
+    def construct(self, x, g):
+        y, _ = self.layer(x)
+        return (y * g).sum(), y
+
+
 def _train_grads(layer, x, g):
-    """(y, dL/dx, [dL/dp for the adapter parameters]) of L = sum(y * g), in training mode."""
+    """(y, dL/dx, [dL/dp for the adapter parameters]) of L = sum(y * g), in training mode, all
+    from one execution (one dropout mask)."""
     layer.set_train(True)
-    loss = _Loss(layer)
-    y = layer(Tensor(x))[0].asnumpy().astype(np.float64)
-    _, (dx, grads) = ms.value_and_grad(loss, grad_position=0, weights=layer.adapter_parameters())(
-        Tensor(x), Tensor(g))
-    return y, dx.asnumpy().astype(np.float64), [t.asnumpy().astype(np.float64) for t in grads]
+    (_, y), (dx, grads) = ms.value_and_grad(_LossAndOutput(layer), grad_position=0,
+                                            weights=layer.adapter_parameters(), has_aux=True)(Tensor(x), Tensor(g))
+    return (y.asnumpy().astype(np.float64), dx.asnumpy().astype(np.float64),
+            [t.asnumpy().astype(np.float64) for t in grads])
 
 
 @pytest.mark.parametrize("use_fused", [True, "auto"], ids=["fused_op", "composition"])
@@ -169,7 +175,7 @@ def test_dropout_kernels_run_on_mcore_bases(make_base, use_fused):
     from mindformers_lora_ext.kernels import PhiloxDropout
     p, n = 0.3, 64
     layer = _square_layer(make_base, lora_dropout=p, use_fused_kernel=use_fused)
-    assert layer.fused == (use_fused is True), layer.__dict__.get("dropout_reason")
+    assert layer.fused == (use_fused is True), getattr(layer, "dropout_reason", None)
     assert isinstance(layer.lora_dropout, PhiloxDropout), layer.dropout_reason
     _set(layer, weight=np.zeros((8, 8)), lora_A=np.eye(8), lora_B=np.eye(8))
     x, g = np.ones((n, 8), np.float32), RNG.standard_normal((n, 8)).astype(np.float32)
