@@ -52,6 +52,37 @@ def test_concurrent_callers_agree_with_one_caller(lib_path):
         np.testing.assert_array_equal(h, expected[1])
 
 
+DROPPED_SCRIPT = """
+import ctypes, hashlib, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from aot_abi import aot
+lib = ctypes.CDLL(sys.argv[1])
+rng = np.random.default_rng(1)
+# dz [200, 300] against W [300, 700]: 10 output chunks of 32; dx [200, 700]
+dz, w = rng.standard_normal((200, 300)).astype(np.float32), rng.standard_normal((300, 700)).astype(np.float32)
+dx, count = aot(lib, "DroppedMatmulBackward", [dz, np.array([0.1], np.float32), np.array([3, 8], np.int32), w],
+                [np.zeros((200, 700), np.float32), np.zeros(1, np.float32)])
+print(hashlib.sha256(dx.tobytes()).hexdigest(), int(count[0]), int((dx != 0).sum()))
+"""
+
+
+@pytest.mark.parametrize("threads", ["2", "3"])
+def test_dropped_matmul_backward_is_the_same_on_any_number_of_threads(lib_path, threads):
+    """DoRA's dropped-element backward sums its output chunks in fixed groups, not per thread:
+    its dx is the same bit for bit on 1, 2 or 3 threads (MINDFORMERS_LORA_EXT_CPU_THREADS; a
+    caller that finds the pool busy also runs alone)."""
+    def run(n):
+        done = subprocess.run([sys.executable, "-c", DROPPED_SCRIPT, lib_path, os.path.dirname(__file__)],
+                              env=dict(os.environ, MINDFORMERS_LORA_EXT_CPU_THREADS=n), capture_output=True,
+                              text=True, timeout=120, check=True)
+        return done.stdout.split()
+
+    digest, count, nonzero = run("1")
+    assert 0.05 < int(count) / (200 * 700) < 0.15 and int(nonzero) > 0.9 * int(count)  # a real p = 0.1 draw
+    assert run(threads) == [digest, count, nonzero]
+
+
 IDLE_SCRIPT = '''
 import ctypes, os, sys, threading, time
 import numpy as np
