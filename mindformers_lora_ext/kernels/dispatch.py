@@ -33,9 +33,10 @@ took 2.3-2.5 ms for a [512, 512] input against 0.6-0.7 ms, and keeps a mask for 
 this regenerates it); ``False`` keeps ``nn.Dropout``. The library is built for it.
 
 DoRA's dropout correction (:func:`resolve_dropped_matmul`, ``cpu/dropped_matmul.cc``) follows the
-same key, but only ``True`` uses it (CPU float32): in whole training steps it was not faster than
-the second matmul (h512 585.7 vs 610.1 ms, a noisy round; h1024 1451.2 vs 1443.6 ms; dropout
-0.05, ``step_time.py --setups dora,dora_fused``), though faster in isolation.
+same key, but only ``True`` uses it (CPU float32): whole training steps were not reliably faster
+with it than with the second matmul (dropout 0.05, ``step_time.py --setups dora,dora_fused``:
+Llama h1024 1481 vs 1578 ms in one run, 1559 vs 1535 ms in another; h512 661 vs 617 ms), though
+0.62-0.70x the dense product alone (``benchmarks/dropped_kernel.py``, N=512, 1024x1024).
 
 Failures never stop training: a compiler error, a library that does not load or an op that
 cannot be constructed logs ONE warning per (device, reason) on the ``mindformers_lora_ext.kernels``
@@ -285,12 +286,12 @@ def resolve_dropout(use_fused="auto", dtype=mstype.float32, device: Optional[str
 def resolve_dropped_matmul(use_fused="auto", dtype=mstype.float32, device: Optional[str] = None):
     """(DoRA's dropout-correction op or None, reason); see ``tuners/lora.py`` (Dora). Only
     ``use_fused_kernel: true`` uses it (CPU float32; a failed build falls back with one warning):
-    "auto" does not, since whole steps measured no faster with it (module docstring)."""
+    "auto" does not: whole steps were not reliably faster with it (module docstring)."""
     use_fused = check_use_fused(use_fused)
     if use_fused is False:
         return None, "use_fused_kernel is False"
-    if use_fused == "auto":  # step_time.py --dropout 0.05: whole steps 0.96x (noisy) / 1.005x the matmul
-        return None, "auto rule: whole training steps were no faster with it than with the second matmul"
+    if use_fused == "auto":  # step_time.py --dropout 0.05: whole steps 0.94x / 1.02x (h1024), 1.07x (h512)
+        return None, "auto rule: whole training steps were not reliably faster with it than with the second matmul"
     return _cpu_op("dropped_matmul", "DoRA dropout kernel", dtype, device or current_device())
 
 

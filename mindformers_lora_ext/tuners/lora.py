@@ -74,7 +74,7 @@ class Dora(Lora):
       k = 1/(1 - p), z = (x * dropped) W^T over the dropped elements only (kernels
       ``dropped_matmul``, a fraction p of a matmul; it regenerates ``PhiloxDropout``'s mask from
       its seed) where that kernel runs (CPU float32, unsharded Dense, Linear or mcore bases);
-      else (and under ``auto``, where whole steps were no faster with it) a second matmul of
+      else (and under ``auto``, where whole steps were not reliably faster with it) a second matmul of
       drop(x).
     """
 
