@@ -19,29 +19,18 @@ p=0.05, against 2.7-3.4 ms here) and MindSpore's MatMul is oneDNN, not numpy: wh
 """
 import argparse
 import ctypes
+import os
 import statistics
+import sys
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from aot_abi import bind  # noqa: E402  pylint: disable=wrong-import-position,import-error  (MindSpore's AOT ABI by ctypes)
+
 SHAPES = ((512, 1024, 1024), (512, 512, 512), (2048, 1024, 1024))
 DROPOUTS = (0.05, 0.1, 0.2)
-
-
-def aot_call(lib, name, arrays):
-    """A callable running ``name`` (MindSpore's AOT ABI) on numpy ``arrays`` (outputs last, in place)."""
-    n = len(arrays)
-    shapes = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
-    args = (n, (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays]), (ctypes.c_int * n)(*[a.ndim for a in arrays]),
-            (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shapes]),
-            (ctypes.c_char_p * n)(*[str(a.dtype).encode() for a in arrays]), None, None)
-    function = getattr(lib, name)
-
-    def call():
-        code = function(*args)
-        if code:
-            raise RuntimeError(f"{name} returned {code}")
-    return call
 
 
 def measure(lib, n, d_in, d_out, p, calls, rng):
@@ -52,8 +41,8 @@ def measure(lib, n, d_in, d_out, p, calls, rng):
     p_arr, seed = np.array([p], np.float32), np.array([5, 9], np.int32)
     z, dx, count = np.zeros((n, d_out), np.float32), np.zeros((n, d_in), np.float32), np.zeros(1, np.float32)
     variants = {
-        "kernel fwd": aot_call(lib, "DroppedMatmulForward", [x, p_arr, seed, w, z, count]),
-        "kernel bwd": aot_call(lib, "DroppedMatmulBackward", [dz, p_arr, seed, w, dx, count]),
+        "kernel fwd": bind(lib, "DroppedMatmulForward", [x, p_arr, seed, w], [z, count]),
+        "kernel bwd": bind(lib, "DroppedMatmulBackward", [dz, p_arr, seed, w], [dx, count]),
         "dense fwd": lambda: np.matmul(x, w.T),
         "dense bwd": lambda: np.matmul(dz, w),
     }

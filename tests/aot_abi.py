@@ -5,16 +5,27 @@ import ctypes
 import numpy as np
 
 
-def aot(lib, name, inputs, outputs):
-    """Call an AOT kernel (MindSpore's ABI) on numpy arrays; outputs are filled in place."""
+def bind(lib, name, inputs, outputs):
+    """A no-argument callable running the AOT kernel ``name`` (MindSpore's ABI) on numpy arrays,
+    its arguments marshalled once (outputs are filled in place on every call)."""
     arrays = [np.ascontiguousarray(a) for a in inputs] + list(outputs)
     n = len(arrays)
     shapes = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
-    rc = getattr(lib, name)(
-        n, (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays]), (ctypes.c_int * n)(*[a.ndim for a in arrays]),
-        (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shapes]),
-        (ctypes.c_char_p * n)(*[str(a.dtype).encode() for a in arrays]), None, None)
-    assert rc == 0, (name, rc)
+    args = (n, (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays]), (ctypes.c_int * n)(*[a.ndim for a in arrays]),
+            (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shapes]),
+            (ctypes.c_char_p * n)(*[str(a.dtype).encode() for a in arrays]), None, None)
+    function = getattr(lib, name)
+
+    def call():
+        rc = function(*args)
+        assert rc == 0, (name, rc)
+    call.arrays = arrays  # keeps the marshalled buffers alive with the callable
+    return call
+
+
+def aot(lib, name, inputs, outputs):
+    """Call an AOT kernel (MindSpore's ABI) on numpy arrays; outputs are filled in place."""
+    bind(lib, name, inputs, outputs)()
     return outputs
 
 
